@@ -1,0 +1,49 @@
+"""Small helpers shared by the in-memory pieces and the forwarding loops."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ._errors import OffsetError, TunError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from ._tun import Tun
+
+__all__ = ["check_offset", "close_quietly", "write_all"]
+
+WRITE_NO_PROGRESS: str = "tun: write made no progress"
+
+
+def check_offset(kind: str, offset: int, minimum: int) -> None:
+    """Raise :class:`OffsetError` when *offset* is below *minimum* (``mro()``/``mwo()``)."""
+    if offset < minimum:
+        which = "mro()" if kind == "read" else "mwo()"
+        raise OffsetError(f"{kind} offset {offset} is below {which} {minimum}")
+
+
+def write_all(tun: Tun, bufs: Sequence[ReadableBuffer], offset: int) -> None:
+    """Write every packet of *bufs* to *tun*, chunked by its batch size, looping on partial writes.
+
+    Raises:
+        TunError: a write returned 0 (no progress) instead of spinning.
+    """
+    batch = max(tun.batch_size(), 1)
+    total = len(bufs)
+    done = 0
+    while done < total:
+        end = min(done + batch, total)
+        chunk = bufs[done:end]
+        n = tun.write(chunk, offset)
+        if n <= 0:
+            raise TunError(WRITE_NO_PROGRESS)
+        done += n
+
+
+def close_quietly(tun: Tun) -> None:
+    """Close *tun*, ignoring its errors: used where the Tun is being dropped either way."""
+    with contextlib.suppress(Exception):
+        tun.close()

@@ -1,0 +1,90 @@
+"""copy(): move packets both ways between two Tuns until one of them ends."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from ._buffers import close_quietly, write_all
+from ._errors import ClosedError, RetryableError
+
+if TYPE_CHECKING:
+    from ._tun import Tun
+
+__all__ = ["copy"]
+
+
+
+def _pump(src: Tun, dst: Tun) -> None:
+    """Copy packets from *src* to *dst* until a call raises.
+
+    Packets are read at an offset that satisfies both ``src.mro()`` and
+    ``dst.mwo()`` and written from the same buffers: no copy in between.
+    """
+    offset = max(src.mro(), dst.mwo())
+    count = max(src.batch_size(), 1)
+    size = offset + max(src.mtu(), dst.mtu())
+    bufs = [bytearray(size) for _ in range(count)]
+    views = [memoryview(buf) for buf in bufs]
+    sizes = [0] * count
+    read = src.read
+    while True:
+        try:
+            n = read(bufs, sizes, offset)
+        except RetryableError:
+            continue
+        if n == 1:
+            write_all(dst, (views[0][: offset + sizes[0]],), offset)
+        elif n > 1:
+            write_all(dst, [views[i][: offset + sizes[i]] for i in range(n)], offset)
+
+
+def copy(a: Tun, b: Tun, *, passthrough: bool = True) -> None:
+    """Copy packets both ways between *a* and *b* until either direction ends.
+
+    Reads use each source's batch size; writes are chunked to the other
+    side's batch size. When a direction ends (a Tun closed or failed), both
+    Tuns are closed so the other direction ends too; ``copy`` returns once
+    both have ended. The second direction runs on a thread named
+    ``tunkit-copy:<b>-><a>``, joined before returning.
+
+    With *passthrough* (the default), two :class:`GsoTun` ends exchange whole
+    super-packets; with ``passthrough=False`` every packet goes through
+    ``read``/``write``.
+
+    Returns:
+        ``None`` when it ended because a Tun was closed.
+
+    Raises:
+        Exception: the first error, in time, that was not a :class:`ClosedError`.
+    """
+    failures: list[BaseException] = []  # in the order they happened (appends are atomic)
+
+    def run(src: Tun, dst: Tun) -> None:
+        try:
+            _pump(src, dst)
+        except ClosedError:
+            pass
+        except BaseException as exc:  # re-raised by the calling thread below
+            failures.append(exc)
+        finally:
+            close_quietly(a)
+            close_quietly(b)
+
+    other = threading.Thread(
+        target=run, args=(b, a), name=f"tunkit-copy:{_label(b)}->{_label(a)}"
+    )
+    other.start()
+    try:
+        run(a, b)
+    finally:
+        other.join()
+    if failures:
+        raise failures[0]
+
+
+def _label(tun: Tun) -> str:
+    try:
+        return tun.name()
+    except Exception:  # a name is only for the thread's label
+        return "?"

@@ -1,0 +1,277 @@
+"""Forwarder and Point2Point: hot-swappable forwarding between Tuns on two threads."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, final
+
+from ._buffers import WRITE_NO_PROGRESS, close_quietly
+from ._errors import ClosedError, RetryableError, TunError
+from ._pool import BufferPool, get_buffer, put_buffer
+
+if TYPE_CHECKING:
+    from ._tun import Tun
+
+__all__ = ["Forwarder", "Point2Point"]
+
+
+@final
+class _Batch:
+    """Packets read from the read Tun, on their way to the write Tun."""
+
+    __slots__ = ("bufs", "done", "offset", "sizes")
+
+    def __init__(self, bufs: list[bytearray], sizes: list[int], offset: int) -> None:
+        self.bufs = bufs
+        self.sizes = sizes
+        self.offset = offset
+        self.done = 0  # packets already written
+
+
+
+class Forwarder:
+    """Forward packets one way, from a read Tun to a write Tun, on two threads.
+
+    It starts with neither Tun and waits; :meth:`set_read_tun` and
+    :meth:`set_write_tun` set or swap them while it runs, closing the one
+    replaced. A batch already read is handed on even if the read Tun is
+    swapped meanwhile; a batch interrupted because the write Tun was swapped
+    goes on to the new one. A read error that is not retryable, or a write
+    error, closes that Tun and leaves that side waiting for a new one (the
+    batch whose write failed is dropped). :meth:`stop` closes both Tuns,
+    joins the threads (``tunkit-fwd-read:<id>``, ``tunkit-fwd-write:<id>``)
+    and returns every pooled buffer.
+    """
+
+    def __init__(self, pool: BufferPool | None = None, *, passthrough: bool = True) -> None:
+        self._pool = pool
+        self._passthrough = passthrough
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # any field below changed
+        self._read_tun: Tun | None = None  # guarded by _lock
+        self._write_tun: Tun | None = None  # guarded by _lock
+        self._slot: _Batch | None = None  # guarded by _lock; reader -> writer hand-off
+        self._stopped = False  # guarded by _lock
+        label = f"{id(self):x}"
+        self._threads = (
+            threading.Thread(target=self._reader, name=f"tunkit-fwd-read:{label}"),
+            threading.Thread(target=self._writer, name=f"tunkit-fwd-write:{label}"),
+        )
+        for thread in self._threads:
+            thread.start()
+
+    # -- configuration -----------------------------------------------------------
+
+    def set_read_tun(self, tun: Tun | None) -> None:
+        """Read from *tun* from now on (``None``: read nothing), closing the previous one.
+
+        Setting the Tun already set does nothing; after :meth:`stop` nothing happens.
+        """
+        with self._lock:
+            if self._stopped or tun is self._read_tun:
+                return
+            old, self._read_tun = self._read_tun, tun
+            self._changed.notify_all()
+        if old is not None:
+            close_quietly(old)  # wakes the reader if it is blocked on *old*
+
+    def set_write_tun(self, tun: Tun | None) -> None:
+        """Write to *tun* from now on (``None``: hold batches), closing the previous one.
+
+        Setting the Tun already set does nothing; after :meth:`stop` nothing happens.
+        """
+        with self._lock:
+            if self._stopped or tun is self._write_tun:
+                return
+            old, self._write_tun = self._write_tun, tun
+            self._changed.notify_all()
+        if old is not None:
+            close_quietly(old)
+
+    def stop(self) -> None:
+        """Close both Tuns, join both threads and return every pooled buffer; idempotent."""
+        with self._lock:
+            already = self._stopped
+            self._stopped = True
+            tuns = [t for t in (self._read_tun, self._write_tun) if t is not None]
+            self._changed.notify_all()
+        if not already:
+            for tun in tuns:
+                close_quietly(tun)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        with self._lock:
+            slot, self._slot = self._slot, None
+        if slot is not None:
+            self._release(slot.bufs)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopped
+
+    def __enter__(self) -> Forwarder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = " [stopped]" if self._stopped else ""
+        return f"<Forwarder read={self._read_tun!r} write={self._write_tun!r}{state}>"
+
+    # -- the two threads ---------------------------------------------------------
+
+    def _release(self, bufs: list[bytearray]) -> None:
+        for buf in bufs:
+            put_buffer(self._pool, buf)
+
+    def _reader(self) -> None:
+        changed = self._changed
+        while True:
+            with self._lock:
+                while not self._stopped and self._read_tun is None:
+                    changed.wait()
+                if self._stopped:
+                    return
+                tun = self._read_tun
+                assert tun is not None
+                writer = self._write_tun
+            # Read with the headroom the write Tun needs, so the batch is written in place.
+            offset = max(tun.mro(), writer.mwo() if writer is not None else 0)
+            count = max(tun.batch_size(), 1)
+            size = offset + tun.mtu()
+            bufs = [get_buffer(self._pool, size) for _ in range(count)]
+            sizes = [0] * count
+            try:
+                n = tun.read(bufs, sizes, offset)
+            except RetryableError:
+                self._release(bufs)
+                continue
+            except Exception:
+                self._release(bufs)
+                self._drop_read(tun)
+                continue
+            if n <= 0:
+                self._release(bufs)
+                continue
+            self._release(bufs[n:])
+            batch = _Batch(bufs[:n], sizes[:n], offset)
+            with self._lock:
+                while not self._stopped and self._slot is not None:
+                    changed.wait()
+                if self._stopped:
+                    keep = False
+                else:
+                    self._slot = batch
+                    changed.notify_all()
+                    keep = True
+            if not keep:
+                self._release(batch.bufs)
+                return
+
+    def _drop_read(self, tun: Tun) -> None:
+        """Close *tun* after it failed; wait for a new one unless it was already swapped."""
+        with self._lock:
+            if self._read_tun is tun:
+                self._read_tun = None
+        close_quietly(tun)
+
+    def _writer(self) -> None:
+        changed = self._changed
+        pending: _Batch | None = None  # a batch whose write Tun was swapped mid-write
+        while True:
+            with self._lock:
+                while not self._stopped and (
+                    self._write_tun is None or (pending is None and self._slot is None)
+                ):
+                    changed.wait()
+                if self._stopped:
+                    if pending is not None:
+                        self._release(pending.bufs)
+                    return
+                tun = self._write_tun
+                assert tun is not None
+                if pending is None:
+                    pending, self._slot = self._slot, None
+                    changed.notify_all()
+            batch = pending
+            assert batch is not None
+            try:
+                self._write(tun, batch)
+            except Exception as exc:
+                with self._lock:
+                    swapped = self._write_tun is not tun
+                    if not swapped:
+                        self._write_tun = None
+                close_quietly(tun)
+                if swapped and isinstance(exc, ClosedError):
+                    continue  # the rest of the batch goes to the new write Tun
+            pending = None
+            self._release(batch.bufs)
+
+    def _write(self, tun: Tun, batch: _Batch) -> None:
+        """Write the unwritten packets of *batch* to *tun*, recording progress in ``done``."""
+        mwo = tun.mwo()
+        bufs, sizes = batch.bufs, batch.sizes
+        n = len(bufs)
+        chunk = max(tun.batch_size(), 1)
+        if batch.offset >= mwo:
+            offset = batch.offset
+            views = [memoryview(bufs[i])[: offset + sizes[i]] for i in range(n)]
+        else:
+            # Too little headroom for this Tun (it was swapped in after the read):
+            # copy the packets behind mwo() bytes of headroom.
+            offset = mwo
+            views = []
+            for i in range(n):
+                start = batch.offset
+                buf = get_buffer(self._pool, mwo + sizes[i])
+                buf[mwo:] = bufs[i][start : start + sizes[i]]
+                put_buffer(self._pool, bufs[i])
+                bufs[i] = buf
+                views.append(memoryview(buf))
+            batch.offset = mwo
+        while batch.done < n:
+            end = min(batch.done + chunk, n)
+            written = tun.write(views[batch.done : end], offset)
+            if written <= 0:
+                raise TunError(WRITE_NO_PROGRESS)
+            batch.done += written
+
+
+class Point2Point:
+    """Forward packets both ways between two Tuns, A and B, with two :class:`Forwarder` s.
+
+    :meth:`set_a` makes a Tun the read side of A→B and the write side of
+    B→A; :meth:`set_b` the mirror. Either may be swapped while it runs.
+    """
+
+    def __init__(self, pool: BufferPool | None = None, *, passthrough: bool = True) -> None:
+        self.a2b = Forwarder(pool, passthrough=passthrough)
+        self.b2a = Forwarder(pool, passthrough=passthrough)
+
+    def set_a(self, tun: Tun | None) -> None:
+        """Make *tun* endpoint A: read for B, and written with what B sends."""
+        self.a2b.set_read_tun(tun)
+        self.b2a.set_write_tun(tun)
+
+    def set_b(self, tun: Tun | None) -> None:
+        """Make *tun* endpoint B: read for A, and written with what A sends."""
+        self.b2a.set_read_tun(tun)
+        self.a2b.set_write_tun(tun)
+
+    def stop(self) -> None:
+        """Stop both forwarders; idempotent."""
+        self.a2b.stop()
+        self.b2a.stop()
+
+    def __enter__(self) -> Point2Point:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Point2Point a2b={self.a2b!r} b2a={self.b2a!r}>"
