@@ -1,0 +1,1 @@
+"""The Linux TUN device: the only place where tunkit makes system calls."""

@@ -1,0 +1,80 @@
+"""Kernel constants, spelled as the kernel spells them, grouped by header file."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# <linux/if_tun.h>: ioctl requests on a /dev/net/tun descriptor.
+# _IOW('T', nr, int) = 0x40000000 | 4 << 16 | ord('T') << 8 | nr; _IOR uses 0x80000000.
+TUNSETIFF: Final = 0x400454CA  # _IOW('T', 202, int)
+TUNSETPERSIST: Final = 0x400454CB  # _IOW('T', 203, int)
+TUNGETFEATURES: Final = 0x800454CF  # _IOR('T', 207, unsigned int)
+TUNSETOFFLOAD: Final = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUNGETIFF: Final = 0x800454D2  # _IOR('T', 210, unsigned int)
+TUNSETVNETHDRSZ: Final = 0x400454D8  # _IOW('T', 216, int)
+
+# <linux/if_tun.h>: ifr_flags of TUNSETIFF / TUNGETIFF.
+IFF_TUN: Final = 0x0001
+IFF_TAP: Final = 0x0002
+IFF_NAPI: Final = 0x0010
+IFF_MULTI_QUEUE: Final = 0x0100
+IFF_PERSIST: Final = 0x0800
+IFF_NO_PI: Final = 0x1000
+IFF_VNET_HDR: Final = 0x4000
+IFF_TUN_EXCL: Final = 0x8000
+
+# <linux/if_tun.h>: TUNSETOFFLOAD bits, what the reader of the device accepts.
+TUN_F_CSUM: Final = 0x01  # partial checksums (VIRTIO_NET_HDR_F_NEEDS_CSUM)
+TUN_F_TSO4: Final = 0x02
+TUN_F_TSO6: Final = 0x04
+TUN_F_TSO_ECN: Final = 0x08
+TUN_F_UFO: Final = 0x10
+TUN_F_USO4: Final = 0x20  # Linux 6.2 and later
+TUN_F_USO6: Final = 0x40  # Linux 6.2 and later
+
+# <linux/virtio_net.h>: struct virtio_net_hdr (10 bytes without num_buffers).
+VIRTIO_NET_HDR_LEN: Final = 10
+VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
+VIRTIO_NET_HDR_F_DATA_VALID: Final = 2
+VIRTIO_NET_HDR_GSO_NONE: Final = 0
+VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
+VIRTIO_NET_HDR_GSO_UDP: Final = 3
+VIRTIO_NET_HDR_GSO_TCPV6: Final = 4
+VIRTIO_NET_HDR_GSO_UDP_L4: Final = 5
+VIRTIO_NET_HDR_GSO_ECN: Final = 0x80
+
+# <linux/if.h>
+IFNAMSIZ: Final = 16  # including the terminating NUL: names have at most 15 bytes
+IFF_UP: Final = 0x1  # net_device_flags, in ifinfomsg.ifi_flags
+IFF_POINTOPOINT: Final = 0x10
+
+# <linux/if_addr.h>
+IFA_F_NODAD: Final = 0x02
+
+# <linux/netlink.h>
+NETLINK_ROUTE: Final = 0
+NLMSG_NOOP: Final = 1
+NLMSG_ERROR: Final = 2
+NLMSG_DONE: Final = 3
+NLMSG_OVERRUN: Final = 4
+NLM_F_REQUEST: Final = 0x01
+NLM_F_MULTI: Final = 0x02
+
+# <linux/rtnetlink.h>
+RTMGRP_LINK: Final = 0x1
+RTM_NEWLINK: Final = 16
+RTM_DELLINK: Final = 17
+RTM_GETLINK: Final = 18
+
+# <linux/if_link.h>: attributes of an ifinfomsg.
+IFLA_IFNAME: Final = 3
+IFLA_MTU: Final = 4
+
+# <linux/sched.h>
+CLONE_NEWNET: Final = 0x40000000
+
+# <linux/mount.h> / <sys/mount.h>
+MS_BIND: Final = 0x1000
+MS_REC: Final = 0x4000
+MS_SHARED: Final = 1 << 20
+MNT_DETACH: Final = 0x2
