@@ -1,0 +1,23 @@
+"""The README's Python examples run as pasted and print what their comments say."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+IN_MEMORY = [b for b in BLOCKS if "create_tun" not in b]
+
+
+@pytest.mark.parametrize("block", IN_MEMORY, ids=[f"block{i}" for i in range(len(IN_MEMORY))])
+def test_readme_example_runs_and_prints_what_it_says(block: str) -> None:
+    expected = [m.group(1) for m in re.finditer(r"print\(.*\)  # (.*)$", block, re.M)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, str(README), "exec"), {})
+    assert out.getvalue().splitlines() == expected
