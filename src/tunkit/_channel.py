@@ -21,12 +21,59 @@ class _Batch:
 
     __slots__ = ("done", "offset", "packets", "taken")
 
-    def __init__(self, packets: Sequence[ReadableBuffer], offset: int) -> None:
+    def __init__(self, packets: Sequence[ReadableBuffer], offset: int, taken: int) -> None:
         self.packets = packets
         self.offset = offset
-        self.taken = 0
+        self.taken = taken
         self.done = threading.Lock()  # held until the batch is taken or the channel closes
         self.done.acquire()
+
+
+@final
+class _Waiter:
+    """A reader blocked for a batch: a writer may fill its buffers directly."""
+
+    __slots__ = ("bufs", "count", "offset", "ready", "sizes", "want")
+
+    def __init__(
+        self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int, want: int
+    ) -> None:
+        self.bufs = bufs
+        self.sizes = sizes
+        self.offset = offset
+        self.want = want
+        self.count = -1  # packets stored; -1 until filled (stays -1 if the channel closed)
+        self.ready = threading.Lock()  # held until filled or closed
+        self.ready.acquire()
+
+
+def _move(
+    packets: Sequence[ReadableBuffer],
+    start: int,
+    n: int,
+    w_off: int,
+    bufs: Sequence[WriteableBuffer],
+    sizes: MutableSequence[int],
+    r_off: int,
+) -> None:
+    """Copy ``packets[start + i][w_off:]`` to ``bufs[i][r_off:]`` for i < n, truncated to fit.
+
+    Buffers hold bytes (one-byte items). A whole packet is assigned as it is;
+    only a part of one goes through a memoryview, so nothing is copied twice.
+    """
+    for i in range(n):
+        pkt = packets[start + i]
+        buf = bufs[i]
+        pkt_len = len(pkt)  # type: ignore[arg-type]
+        size = min(pkt_len - w_off, len(buf) - r_off)  # type: ignore[arg-type]
+        if size <= 0:
+            sizes[i] = 0
+        elif w_off == 0 and size == pkt_len:
+            buf[r_off : r_off + size] = pkt  # type: ignore[index]
+            sizes[i] = size
+        else:
+            buf[r_off : r_off + size] = memoryview(pkt)[w_off : w_off + size]  # type: ignore[index]
+            sizes[i] = size
 
 
 class Channel:
@@ -39,16 +86,19 @@ class Channel:
     threads may use it. ``close()`` (idempotent, any thread) makes blocked and
     later calls raise :class:`ReadOnClosedChannelError` /
     :class:`WriteOnClosedChannelError`.
+
+    When a reader is already waiting, the writer copies straight into its
+    buffers and goes on without a thread switch: the packets were taken.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._readable = threading.Condition(self._lock)  # a batch was posted, or closed
         self._writers: deque[_Batch] = deque()  # guarded by _lock; [0] is being read
+        self._readers: deque[_Waiter] = deque()  # guarded by _lock; only while no batch waits
         self._closed = False  # guarded by _lock
 
     def write(self, bufs: Sequence[ReadableBuffer], offset: int = 0) -> int:
-        """Post ``bufs[i][offset:]`` as one batch and block until readers took all of it.
+        """Hand ``bufs[i][offset:]`` to readers as one batch; block until they took all of it.
 
         Returns ``len(bufs)``, or fewer if the channel closed after readers took
         some (the next call then raises).
@@ -58,18 +108,24 @@ class Channel:
         """
         if offset < 0:
             raise OffsetError(f"write offset {offset} is negative")
-        if not bufs:
-            with self._lock:
-                if self._closed:
-                    raise WriteOnClosedChannelError()
-            return 0
-        batch = _Batch(bufs, offset)
+        total = len(bufs)
         with self._lock:
             if self._closed:
                 raise WriteOnClosedChannelError()
+            taken = 0
+            # Readers wait only while no batch is queued, so serving them first
+            # keeps whole batches in arrival order.
+            while taken < total and self._readers:
+                waiter = self._readers.popleft()
+                n = min(waiter.want, total - taken)
+                _move(bufs, taken, n, offset, waiter.bufs, waiter.sizes, waiter.offset)
+                waiter.count = n
+                waiter.ready.release()
+                taken += n
+            if taken == total:
+                return total
+            batch = _Batch(bufs, offset, taken)
             self._writers.append(batch)
-            if len(self._writers) == 1:
-                self._readable.notify()
         batch.done.acquire()  # released by the reader that takes the last packet, or close()
         if batch.taken == 0:
             raise WriteOnClosedChannelError()
@@ -89,33 +145,27 @@ class Channel:
             raise OffsetError(f"read offset {offset} is negative")
         want = min(len(bufs), len(sizes))
         with self._lock:
-            while True:
-                if self._closed:
-                    raise ReadOnClosedChannelError()
-                if self._writers:
-                    break
-                self._readable.wait()
-            if want == 0:
-                return 0
-            batch = self._writers[0]
-            packets = batch.packets
-            start = batch.taken
-            n = min(want, len(packets) - start)
-            w_off = batch.offset
-            for i in range(n):
-                src = memoryview(packets[start + i])[w_off:]
-                dst = memoryview(bufs[i])[offset:]
-                size = min(len(src), len(dst))
-                dst[:size] = src[:size]
-                sizes[i] = size
-            batch.taken = start + n
-            if batch.taken == len(packets):
-                self._writers.popleft()
-                batch.done.release()
-            # Either packets remain or another batch waits: wake the next reader.
+            if self._closed:
+                raise ReadOnClosedChannelError()
             if self._writers:
-                self._readable.notify()
-            return n
+                if want == 0:
+                    return 0
+                batch = self._writers[0]
+                packets = batch.packets
+                start = batch.taken
+                n = min(want, len(packets) - start)
+                _move(packets, start, n, batch.offset, bufs, sizes, offset)
+                batch.taken = start + n
+                if batch.taken == len(packets):
+                    self._writers.popleft()
+                    batch.done.release()
+                return n
+            waiter = _Waiter(bufs, sizes, offset, want)
+            self._readers.append(waiter)
+        waiter.ready.acquire()  # released by a writer that filled it, or close()
+        if waiter.count < 0:
+            raise ReadOnClosedChannelError()
+        return waiter.count
 
     def close(self) -> None:
         """Close the channel: blocked and later calls raise; idempotent, any thread."""
@@ -123,11 +173,14 @@ class Channel:
             if self._closed:
                 return
             self._closed = True
-            waiting = list(self._writers)
+            writers = list(self._writers)
+            readers = list(self._readers)
             self._writers.clear()
-            self._readable.notify_all()
-        for batch in waiting:
+            self._readers.clear()
+        for batch in writers:
             batch.done.release()
+        for waiter in readers:
+            waiter.ready.release()
 
     @property
     def closed(self) -> bool:
@@ -142,4 +195,7 @@ class Channel:
 
     def __repr__(self) -> str:
         state = " [closed]" if self._closed else ""
-        return f"<Channel waiting_writers={len(self._writers)}{state}>"
+        return (
+            f"<Channel waiting_writers={len(self._writers)} "
+            f"waiting_readers={len(self._readers)}{state}>"
+        )
