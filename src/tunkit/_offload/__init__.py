@@ -10,7 +10,17 @@ layouts both use.
 
 from __future__ import annotations
 
+from .coalesce import ZERO_VNET_HDR, Coalescer, Write
 from .headers import VNET_HDR_LEN, VnetHdr, _Malformed, _TooBig
 from .split import split
 
-__all__ = ["VNET_HDR_LEN", "VnetHdr", "_Malformed", "_TooBig", "split"]
+__all__ = [
+    "VNET_HDR_LEN",
+    "ZERO_VNET_HDR",
+    "Coalescer",
+    "VnetHdr",
+    "Write",
+    "_Malformed",
+    "_TooBig",
+    "split",
+]

@@ -211,9 +211,8 @@ TCP_CHECKSUM: Final = 16
 TCP_URGENT: Final = 18
 TCP_MIN_HDR_LEN: Final = 20
 TCP_MAX_HDR_LEN: Final = 60
-# src_port, dst_port, seq, ack, data_offset, flags, window (the fixed part up to
-# the checksum)
-TCP_HDR: Final = struct.Struct("!HHIIBBH")
+# src_port, dst_port, seq, ack, data_offset, flags, window, checksum, urgent
+TCP_HDR: Final = struct.Struct("!HHIIBBHHH")
 # Flag bits of the TCP_FLAGS byte (RFC 9293 section 3.1; CWR/ECE: RFC 3168).
 TCP_FLAG_FIN: Final = 0x01
 TCP_FLAG_SYN: Final = 0x02
