@@ -10,6 +10,10 @@ Three threads each time: a writer, the middle stage, a reader.
   joined by two ``queue.Queue`` of ``bytes``, one packet per put/get.
 - ``floor``: a plain loop copying the same bytes between preallocated buffers
   (no threads): the most any in-process pipeline could do.
+- ``handoff``: two threads passing a lock back and forth: the round trips per
+  second that CPython's thread switching allows here. A rendezvous (a write
+  returns only once a reader took the packet) pays at least one per packet
+  whenever the reader is not already waiting, so at batch 1 it bounds tunkit.
 
 Reported: packets/s of each and the ratio of tunkit to queue. Medians of
 ``--repeat`` runs. The goals (issue 3): at batch 128 tunkit >= 5x queue; at
@@ -122,6 +126,36 @@ def bench_floor(size: int, seconds: float) -> float:
     return count / (time.perf_counter() - start)
 
 
+def bench_handoff(seconds: float) -> float:
+    ping, pong = threading.Lock(), threading.Lock()
+    ping.acquire()
+    pong.acquire()
+    stop = False
+    count = 0
+
+    def other() -> None:
+        while True:
+            ping.acquire()
+            if stop:
+                return
+            pong.release()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(100):
+            ping.release()
+            pong.acquire()
+        count += 100
+    elapsed = time.perf_counter() - start
+    stop = True
+    ping.release()
+    thread.join()
+    return count / elapsed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0)
@@ -130,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rows: list[dict[str, Any]] = []
+    handoff = statistics.median(bench_handoff(args.seconds) for _ in range(args.repeat))
+    print(f"thread handoff floor: {handoff:,.0f} lock round trips/s")
     print(f"{'size':>5} {'batch':>5} {'tunkit pkt/s':>13} {'queue pkt/s':>12} "
           f"{'floor pkt/s':>12} {'tunkit/queue':>12}")
     for size in (64, 1500):
@@ -146,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{floor_pps:>12,.0f} {ratio:>11.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": rows}, f, indent=2)
+            json.dump({"handoff_round_trips_s": handoff, "results": rows}, f, indent=2)
     return 0
 
 
