@@ -231,5 +231,5 @@ def with_vnet_none(pkt: bytes) -> bytes:
 
 def partial_none(flow: Flow, payload: bytes, **kw: int) -> bytes:
     """Return a GSO_NONE packet with NEEDS_CSUM and a partial transport checksum."""
-    pkt = flow.packet(payload, partial=True, **kw)  # type: ignore[arg-type]
+    pkt = flow.packet(payload, partial=True, **kw)
     return vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, flow.iph_len, 16 if flow.proto == TCP else 6) + pkt

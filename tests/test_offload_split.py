@@ -187,10 +187,10 @@ GSO_CASES = {
 def test_super_packets_split_into_kernel_segments(case: GsoCase) -> None:
     payload = payload_bytes(case.payload_len, seed=case.gso_size)
     flow = case.flow
-    kw = {"seq": case.seq, "ip_id": case.ip_id, "flags": case.flags}
-    raw = flow.super_packet(payload, case.gso_size, **kw)
+    seq, ip_id, flags = case.seq, case.ip_id, case.flags
+    raw = flow.super_packet(payload, case.gso_size, seq=seq, ip_id=ip_id, flags=flags)
     out = run_split(raw)
-    expected = flow.segments(payload, case.gso_size, **kw)
+    expected = flow.segments(payload, case.gso_size, seq=seq, ip_id=ip_id, flags=flags)
     assert len(out) == len(expected) == -(-case.payload_len // case.gso_size)
     assert out == expected
     for pkt in out:
@@ -279,6 +279,7 @@ MALFORMED = {
     "truncated-ip-header": vnet(F_NEEDS_CSUM, GSO_TCPV4, 40, 1000, 20, 16) + b"\x45" * 12,
     "empty-after-vnet": vnet(F_NEEDS_CSUM, GSO_UDP_L4, 28, 1000, 20, 6),
     "segments-over-64k": _patched(4, struct.pack("=H", 65535 - 20)),
+    "none-empty": vnet(),
     "none-csum-start-beyond": vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, 200, 6) + V4_UDP.packet(b"x"),
     "none-csum-offset-beyond": vnet(F_NEEDS_CSUM, GSO_NONE, 0, 0, 20, 8) + V4_UDP.packet(b""),
 }

@@ -132,6 +132,8 @@ def _copy_through(
 ) -> int:
     """Store a GSO_NONE packet, completing a partial checksum (skb_checksum_help)."""
     ip_len = len(ip)
+    if ip_len == 0:
+        raise _Malformed("empty packet after the virtio header")
     if not out_bufs or not sizes:
         raise TooManySegmentsError("a packet needs 1 buffer, 0 given")
     out = _room(out_bufs[0], offset)
