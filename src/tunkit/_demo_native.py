@@ -1,0 +1,245 @@
+"""The real-device demo: two network namespaces, a NativeTun in each, joined in this process."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Final
+
+from ._forwarder import Point2Point
+from ._linux.device import NativeTun, TunStats, create_tun
+from ._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
+from ._pool import Pool
+
+__all__ = ["NativeDemoResult", "PingResult", "preflight", "run_native_demo"]
+
+# Addresses exist only inside the two namespaces this demo makes (RFC 1918 and
+# RFC 4193 ranges, never routed out of them).
+A_V4: Final = "10.213.0.1"
+B_V4: Final = "10.213.0.2"
+A_V6: Final = "fd00:213::1"
+B_V6: Final = "fd00:213::2"
+_TCP_PORT: Final = 5201
+_NS_PREFIX: Final = "tk"
+
+# The far end of the TCP test: runs inside namespace B, counts what arrives.
+_RECEIVER: Final = """
+import socket, sys, time
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+conn, _ = srv.accept()
+total = 0
+start = None
+while True:
+    data = conn.recv(1 << 20)
+    if not data:
+        break
+    if start is None:
+        start = time.monotonic()
+    total += len(data)
+elapsed = time.monotonic() - start if start else 0.0
+print(total, elapsed, flush=True)
+"""
+
+# The near end: runs inside namespace A, sends for the given seconds.
+_SENDER: Final = """
+import socket, sys, time
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+chunk = bytes(1 << 18)
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    conn.sendall(chunk)
+conn.shutdown(socket.SHUT_WR)
+conn.close()
+"""
+
+
+class DemoUnavailable(Exception):
+    """The real demo cannot run here (no root, no /dev/net/tun, no ip or ping)."""
+
+
+@dataclass
+class PingResult:
+    """Round-trip times of one ``ping`` run, in milliseconds."""
+
+    family: str
+    sent: int = 0
+    received: int = 0
+    rtt_min: float = 0.0
+    rtt_avg: float = 0.0
+    rtt_max: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class NativeDemoResult:
+    """What the real-device demo measured."""
+
+    pings: list[PingResult] = field(default_factory=list)
+    tcp_bytes: int = 0
+    tcp_seconds: float = 0.0
+    tcp_error: str = ""
+    a_stats: TunStats | None = None
+    b_stats: TunStats | None = None
+    offload: bool = False
+
+    @property
+    def gbit_s(self) -> float:
+        return self.tcp_bytes * 8 / self.tcp_seconds / 1e9 if self.tcp_seconds else 0.0
+
+    @property
+    def errors(self) -> int:
+        bad = sum(1 for p in self.pings if p.error or p.received != p.sent)
+        return bad + (1 if self.tcp_error or not self.tcp_bytes else 0)
+
+
+def preflight() -> None:
+    """Check that the real demo can run here.
+
+    Raises:
+        DemoUnavailable: with one line naming what is missing.
+    """
+    if os.geteuid() != 0:
+        raise DemoUnavailable("the real-device demo needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+    if not os.path.exists("/dev/net/tun"):
+        raise DemoUnavailable("/dev/net/tun is missing (try: modprobe tun)")
+    for tool, package in (("ip", "iproute2"), ("ping", "iputils-ping")):
+        if shutil.which(tool) is None:
+            raise DemoUnavailable(f"'{tool}' is missing (Debian package: {package})")
+
+
+def _ns_exec(ns: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+_RTT_RE: Final = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/")
+_COUNT_RE: Final = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+def _ping(ns: str, family: str, target: str, count: int) -> PingResult:
+    result = PingResult(family)
+    argv = _ns_exec(ns, "ping", "-6" if family == "IPv6" else "-4", "-c", str(count),
+                    "-i", "0.2", "-W", "2", target)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if m := _COUNT_RE.search(proc.stdout):
+        result.sent, result.received = int(m[1]), int(m[2])
+    if m := _RTT_RE.search(proc.stdout):
+        result.rtt_min, result.rtt_avg, result.rtt_max = (float(m[i]) for i in (1, 2, 3))
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        result.error = lines[-1] if lines else f"ping exited {proc.returncode}"
+    return result
+
+
+@contextmanager
+def _namespaces(tags: tuple[str, ...]) -> Iterator[list[str]]:
+    names = [unique_netns_name(f"demo-{t}", _NS_PREFIX) for t in tags]
+    made: list[str] = []
+    try:
+        for name in names:
+            create_netns(name)
+            made.append(name)
+        yield names
+    finally:
+        for name in made:
+            with suppress(FileNotFoundError):
+                delete_netns(name)
+
+
+def _device(stack: ExitStack, ns: str, addr4: str, addr6: str, offload: bool) -> NativeTun:
+    tun = stack.enter_context(create_tun(f"tkd{os.getpid()}", 1500, offload=offload, netns=ns))
+    tun.add_address(f"{addr4}/24")
+    tun.add_address(f"{addr6}/64")
+    tun.up()
+    return tun
+
+
+def _tcp(ns_a: str, ns_b: str, seconds: float, result: NativeDemoResult,
+         tick: Callable[[], None]) -> None:
+    receiver = subprocess.Popen(
+        _ns_exec(ns_b, sys.executable, "-c", _RECEIVER, str(_TCP_PORT)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert receiver.stdout is not None
+        if receiver.stdout.readline().strip() != "ready":
+            result.tcp_error = "the TCP receiver did not start"
+            return
+        sender = subprocess.Popen(
+            _ns_exec(ns_a, sys.executable, "-c", _SENDER, B_V4, str(_TCP_PORT), str(seconds)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            while sender.poll() is None:
+                tick()
+                time.sleep(0.1)
+            if sender.returncode != 0:
+                assert sender.stderr is not None
+                lines = sender.stderr.read().strip().splitlines()
+                result.tcp_error = lines[-1] if lines else f"sender exited {sender.returncode}"
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+            sender.wait()
+        out, _ = receiver.communicate(timeout=15)
+        total, elapsed = out.split()
+        result.tcp_bytes, result.tcp_seconds = int(total), float(elapsed)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+        receiver.wait()
+
+
+def run_native_demo(
+    seconds: float = 3.0,
+    pings: int = 5,
+    offload: bool = False,
+    status: Callable[[str], None] | None = None,
+    tick: Callable[[NativeTun, NativeTun], None] | None = None,
+) -> NativeDemoResult:
+    """Run the real demo: namespaces A and B, a NativeTun in each, a Point2Point between.
+
+    Pings B from A (IPv4, IPv6), then sends TCP from A to B for *seconds*.
+    Everything it makes carries this process's id and is removed on the way
+    out (Ctrl-C and SIGTERM included, when the caller turns SIGTERM into an
+    exception); leftovers of dead runs are removed first.
+    """
+    say = status or (lambda _msg: None)
+    remove_stale_netns(_NS_PREFIX)
+    result = NativeDemoResult(offload=offload)
+    with _namespaces(("a", "b")) as (ns_a, ns_b), ExitStack() as stack:
+        say(f"namespaces {ns_a} and {ns_b}")
+        tun_a = _device(stack, ns_a, A_V4, A_V6, offload)
+        tun_b = _device(stack, ns_b, B_V4, B_V6, offload)
+        p2p = Point2Point(Pool())
+        stack.callback(p2p.stop)
+        p2p.set_a(tun_a)
+        p2p.set_b(tun_b)
+
+        def tick_fn() -> None:
+            if tick is not None:
+                tick(tun_a, tun_b)
+
+        for family, target in (("IPv4", B_V4), ("IPv6", B_V6)):
+            say(f"ping -{family[-1]} {target} from {ns_a}")
+            worker = threading.Thread(
+                target=lambda f=family, t=target: result.pings.append(_ping(ns_a, f, t, pings)),
+                name="tunkit-demo-ping",
+            )
+            worker.start()
+            while worker.is_alive():
+                tick_fn()
+                worker.join(0.1)
+        say(f"TCP from {ns_a} to {ns_b} for {seconds:g} s")
+        _tcp(ns_a, ns_b, seconds, result, tick_fn)
+        result.a_stats = tun_a.stats()
+        result.b_stats = tun_b.stats()
+    return result
