@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, final
+from collections import deque
+from typing import TYPE_CHECKING, Final, final
 
 from ._buffers import WRITE_NO_PROGRESS, close_quietly
 from ._errors import ClosedError, RetryableError, TunError
@@ -13,6 +14,11 @@ if TYPE_CHECKING:
     from ._tun import Tun
 
 __all__ = ["Forwarder", "Point2Point"]
+
+# Batches read and not yet written. More than one lets the reader run ahead
+# while the writer is in a system call, so neither waits on the other per
+# packet: in CPython every such wait is a thread switch (tens of µs here).
+_QUEUE_DEPTH: Final = 32
 
 
 @final
@@ -50,8 +56,9 @@ class Forwarder:
         self._changed = threading.Condition(self._lock)  # any field below changed
         self._read_tun: Tun | None = None  # guarded by _lock
         self._write_tun: Tun | None = None  # guarded by _lock
-        self._slot: _Batch | None = None  # guarded by _lock; reader -> writer hand-off
+        self._queue: deque[_Batch] = deque()  # guarded by _lock; reader -> writer
         self._stopped = False  # guarded by _lock
+        self._writing = False  # guarded by _lock; a batch is being written (one at a time)
         label = f"{id(self):x}"
         self._threads = (
             threading.Thread(target=self._reader, name=f"tunkit-fwd-read:{label}"),
@@ -102,9 +109,10 @@ class Forwarder:
             if thread is not threading.current_thread():
                 thread.join()
         with self._lock:
-            slot, self._slot = self._slot, None
-        if slot is not None:
-            self._release(slot.bufs)
+            left = list(self._queue)
+            self._queue.clear()
+        for batch in left:
+            self._release(batch.bufs)
 
     @property
     def stopped(self) -> bool:
@@ -159,17 +167,27 @@ class Forwarder:
             self._release(bufs[n:])
             batch = _Batch(bufs[:n], sizes[:n], offset)
             with self._lock:
-                while not self._stopped and self._slot is not None:
-                    changed.wait()
-                if self._stopped:
-                    keep = False
+                # Write it on this thread when nothing is queued and the writer is
+                # idle: no hand-off, so no thread switch on the common path.
+                inline = self._write_tun if not self._queue and not self._writing else None
+                if inline is not None:
+                    self._writing = True
                 else:
-                    self._slot = batch
+                    while not self._stopped and len(self._queue) >= _QUEUE_DEPTH:
+                        changed.wait()
+                    if self._stopped:
+                        self._release(batch.bufs)
+                        return
+                    self._queue.append(batch)
+                    if len(self._queue) == 1:
+                        changed.notify_all()  # the writer may be waiting for work
+            if inline is not None:
+                finished = self._deliver(inline, batch)
+                with self._lock:
+                    self._writing = False
+                    if not finished:
+                        self._queue.appendleft(batch)  # the rest goes to the new write Tun
                     changed.notify_all()
-                    keep = True
-            if not keep:
-                self._release(batch.bufs)
-                return
 
     def _drop_read(self, tun: Tun) -> None:
         """Close *tun* after it failed; wait for a new one unless it was already swapped."""
@@ -180,36 +198,46 @@ class Forwarder:
 
     def _writer(self) -> None:
         changed = self._changed
-        pending: _Batch | None = None  # a batch whose write Tun was swapped mid-write
         while True:
             with self._lock:
                 while not self._stopped and (
-                    self._write_tun is None or (pending is None and self._slot is None)
+                    self._write_tun is None or not self._queue or self._writing
                 ):
                     changed.wait()
                 if self._stopped:
-                    if pending is not None:
-                        self._release(pending.bufs)
                     return
                 tun = self._write_tun
                 assert tun is not None
-                if pending is None:
-                    pending, self._slot = self._slot, None
-                    changed.notify_all()
-            batch = pending
-            assert batch is not None
-            try:
-                self._write(tun, batch)
-            except Exception as exc:
-                with self._lock:
-                    swapped = self._write_tun is not tun
-                    if not swapped:
-                        self._write_tun = None
-                close_quietly(tun)
-                if swapped and isinstance(exc, ClosedError):
-                    continue  # the rest of the batch goes to the new write Tun
-            pending = None
-            self._release(batch.bufs)
+                batch = self._queue.popleft()
+                self._writing = True
+                if len(self._queue) == _QUEUE_DEPTH - 1:
+                    changed.notify_all()  # the reader may be waiting for room
+            finished = self._deliver(tun, batch)
+            with self._lock:
+                self._writing = False
+                if not finished:
+                    self._queue.appendleft(batch)  # the rest goes to the new write Tun
+                changed.notify_all()
+
+    def _deliver(self, tun: Tun, batch: _Batch) -> bool:
+        """Write *batch* to *tun*; return False when it must go on to a swapped-in Tun.
+
+        A write error closes *tun* and drops the batch; a ``ClosedError``
+        because *tun* was swapped out keeps the unwritten rest for the new one.
+        The batch's buffers are returned to the pool once it is finished.
+        """
+        try:
+            self._write(tun, batch)
+        except Exception as exc:
+            with self._lock:
+                swapped = self._write_tun is not tun
+                if not swapped:
+                    self._write_tun = None
+            close_quietly(tun)
+            if swapped and isinstance(exc, ClosedError) and not self._stopped:
+                return False
+        self._release(batch.bufs)
+        return True
 
     def _write(self, tun: Tun, batch: _Batch) -> None:
         """Write the unwritten packets of *batch* to *tun*, recording progress in ``done``."""
