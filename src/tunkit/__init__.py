@@ -8,6 +8,8 @@ and :func:`pipe`, an ``io`` adapter, :func:`copy`, :class:`Forwarder`,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._callback import CallbackTun
 from ._channel import Channel
 from ._copy import copy
@@ -30,7 +32,25 @@ from ._pool import BufferPool, DebugPool, Pool
 from ._tun import GsoTun, Tun
 from ._tunio import TunIO
 
+if TYPE_CHECKING:
+    from ._linux.device import NativeTun, TunStats, create_tun, open_tun
+
 __version__ = "0.1.0"
+
+# The Linux device needs pyroute2; it is imported on first use, so the
+# in-memory core imports nothing beyond the standard library.
+_LINUX_NAMES = frozenset({"NativeTun", "TunStats", "create_tun", "open_tun"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LINUX_NAMES:
+        from ._linux import device
+
+        value = getattr(device, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tunkit' has no attribute {name!r}")
+
 
 __all__ = [
     "BufferPool",
@@ -43,6 +63,7 @@ __all__ = [
     "Events",
     "Forwarder",
     "GsoTun",
+    "NativeTun",
     "OffsetError",
     "Point2Point",
     "Pool",
@@ -53,8 +74,11 @@ __all__ = [
     "Tun",
     "TunError",
     "TunIO",
+    "TunStats",
     "WriteOnClosedChannelError",
     "WriteOnClosedPipeError",
     "copy",
+    "create_tun",
+    "open_tun",
     "pipe",
 ]
