@@ -59,6 +59,7 @@ class Forwarder:
         self._queue: deque[_Batch] = deque()  # guarded by _lock; reader -> writer
         self._stopped = False  # guarded by _lock
         self._writing = False  # guarded by _lock; a batch is being written (one at a time)
+        self._spare: list[bytearray] = []  # reader thread only: buffers for the next read
         label = f"{id(self):x}"
         self._threads = (
             threading.Thread(target=self._reader, name=f"tunkit-fwd-read:{label}"),
@@ -136,6 +137,13 @@ class Forwarder:
             put_buffer(self._pool, buf)
 
     def _reader(self) -> None:
+        try:
+            self._read_loop()
+        finally:
+            self._release(self._spare)
+            self._spare = []
+
+    def _read_loop(self) -> None:
         changed = self._changed
         while True:
             with self._lock:
@@ -150,21 +158,26 @@ class Forwarder:
             offset = max(tun.mro(), writer.mwo() if writer is not None else 0)
             count = max(tun.batch_size(), 1)
             size = offset + tun.mtu()
-            bufs = [get_buffer(self._pool, size) for _ in range(count)]
+            # Buffers not filled by the last read are kept for the next one: only
+            # the n buffers handed on with a batch are taken from the pool again.
+            spare = self._spare
+            if spare and len(spare[0]) != size:
+                self._release(spare)
+                spare = self._spare = []
+            while len(spare) < count:
+                spare.append(get_buffer(self._pool, size))
+            bufs = spare[:count]
             sizes = [0] * count
             try:
                 n = tun.read(bufs, sizes, offset)
             except RetryableError:
-                self._release(bufs)
                 continue
             except Exception:
-                self._release(bufs)
                 self._drop_read(tun)
                 continue
             if n <= 0:
-                self._release(bufs)
                 continue
-            self._release(bufs[n:])
+            del spare[:n]
             batch = _Batch(bufs[:n], sizes[:n], offset)
             with self._lock:
                 # Write it on this thread when nothing is queued and the writer is
