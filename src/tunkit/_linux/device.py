@@ -55,6 +55,9 @@ _IFREQ: Final = struct.Struct(f"={IFNAMSIZ}sH22x")
 # struct virtio_net_hdr, <linux/virtio_net.h>, host byte order on a TUN device.
 _VNET_HDR: Final = struct.Struct("=BBHHHH")
 _ZERO_VNET_HDR: Final = bytes(VIRTIO_NET_HDR_LEN)
+# What the kernel says when it refuses one written packet: EIO while the link
+# is down, EINVAL for bytes that are not an IPv4 or IPv6 packet.
+_DROPPED_ON_WRITE: Final = frozenset({errno.EIO, errno.EINVAL})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class TunStats:
     gro_coalesced: int = 0  # packets merged on write (offload)
     dropped_malformed: int = 0
     dropped_too_big: int = 0
+    dropped_write: int = 0  # written packets the kernel refused (link down, not IP)
 
 
 def check_name(name: str) -> None:
@@ -227,6 +231,7 @@ class NativeTun:
         self._packets_written = 0
         self._bytes_written = 0
         self._gro_coalesced = 0
+        self._dropped_write = 0
         monitor.start(self._on_state, self._name)
 
     # -- events ---------------------------------------------------------------
@@ -345,15 +350,17 @@ class NativeTun:
     def write(self, bufs: Sequence[ReadableBuffer], offset: int = HEADROOM) -> int:
         """Write ``bufs[i][offset:]`` as one packet each, one system call per packet.
 
-        Returns how many were written; when packet ``i > 0`` fails, returns
-        ``i`` (the caller's retry of that packet raises the error). The bytes
-        in front of *offset* are left unchanged.
+        Returns how many were handled. A packet the kernel refuses (EIO while
+        the link is down, EINVAL for bytes that are not IPv4 or IPv6) is
+        dropped and counted in ``stats().dropped_write``, as a real link loses
+        it. When another error hits packet ``i > 0``, returns ``i`` and the
+        caller's retry of that packet raises it. The bytes in front of
+        *offset* are left unchanged.
 
         Raises:
             OffsetError: *offset* is below ``mwo()``.
             ClosedError: the device is closed, or closes during the call.
-            OSError: the kernel refused the first packet (EINVAL for a packet
-                that is not IPv4 or IPv6, EIO while the device is down).
+            OSError: any other refusal of the first packet.
         """
         if offset < HEADROOM:
             raise OffsetError(f"write offset {offset} is below mwo() {HEADROOM}")
@@ -376,7 +383,12 @@ class NativeTun:
         for i, iov in enumerate(iovecs):
             try:
                 n = self._fd.writev_locked(iov)
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _DROPPED_ON_WRITE and not isinstance(exc, ClosedError):
+                    # Lost as on a real link: one bad packet, or a link that is
+                    # down for a while, must not stop a forwarder.
+                    self._dropped_write += 1
+                    continue
                 if i == 0:
                     raise
                 return i
@@ -426,6 +438,7 @@ class NativeTun:
             gro_coalesced=self._gro_coalesced,
             dropped_malformed=self._dropped_malformed,
             dropped_too_big=self._dropped_too_big,
+            dropped_write=self._dropped_write,
         )
 
     @property
@@ -603,6 +616,8 @@ def open_tun(fd: int, *, offload: bool | None = None, netns: str | None = None) 
         raise ValueError(f"descriptor {fd} is not an attached TUN device: {exc}") from exc
     if not flags & IFF_TUN:
         raise ValueError(f"descriptor {fd} is a TAP device {name!r}, not TUN")
+    # Some kernels (seen on 6.18) report IFF_NO_PI in TUNGETIFF even for a
+    # device made without it, so this catches only the honest ones.
     if not flags & IFF_NO_PI:
         raise ValueError(f"device {name!r} was made without IFF_NO_PI; tunkit needs it")
     vnet_hdr = bool(flags & IFF_VNET_HDR)

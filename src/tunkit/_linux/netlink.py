@@ -204,7 +204,12 @@ class LinkMonitor:
     def start(self, on_state: Callable[[LinkState], None], device: str) -> None:
         """Start the event thread, which calls *on_state* for every state of this link."""
         self._thread = threading.Thread(
-            target=self._run, args=(on_state,), name=f"tunkit-events:{device}"
+            target=self._run,
+            args=(on_state,),
+            name=f"tunkit-events:{device}",
+            # close() joins it; daemon only so that a device never closed
+            # cannot keep the interpreter from exiting.
+            daemon=True,
         )
         self._thread.start()
 
