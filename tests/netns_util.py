@@ -165,9 +165,7 @@ class NativeHarness:
             self.tun.add_address(f"{self.LOCAL}/24")
             self.tun.up()
             self._raw = ns_socket(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            self._tap = ns_socket(
-                ns, socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL)
-            )
+            self._tap = ns_socket(ns, socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
             self._tap.bind((self.tun.name(), ETH_P_ALL))
         except BaseException:
             self.close()

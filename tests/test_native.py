@@ -1,5 +1,7 @@
 """NativeTun as root, inside namespaces the tests make: API, events, errors, conformance."""
 
+# ruff: noqa: F811  (the fixtures imported from netns_util are parameters here)
+
 from __future__ import annotations
 
 import errno
@@ -222,9 +224,8 @@ def test_a_device_that_is_up_starts_with_up(netns_factory: MakeNs) -> None:
 
 
 def test_creation_mtu_is_no_event(netns_factory: MakeNs) -> None:
-    with create_tun(mtu=1280, netns=netns_factory("mtuev")) as tun:
-        with pytest.raises(TimeoutError):
-            tun.events().get(timeout=0.3)
+    with create_tun(mtu=1280, netns=netns_factory("mtuev")) as tun, pytest.raises(TimeoutError):
+        tun.events().get(timeout=0.3)
 
 
 # -- errors a person understands --------------------------------------------------
@@ -237,9 +238,8 @@ def test_missing_namespace_is_named(root: None) -> None:
 
 def test_name_in_use(netns_factory: MakeNs) -> None:
     ns = netns_factory("busy")
-    with create_tun("tkbusy0", netns=ns):
-        with pytest.raises(FileExistsError, match="tkbusy0.*in use"):
-            create_tun("tkbusy0", netns=ns)
+    with create_tun("tkbusy0", netns=ns), pytest.raises(FileExistsError, match=r"tkbusy0.*in use"):
+        create_tun("tkbusy0", netns=ns)
     with pytest.raises(FileExistsError, match="not TUN"):
         create_tun("lo", netns=ns)
 
