@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from netns_util import root  # noqa: F401 - fixture
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
@@ -21,3 +22,17 @@ def test_readme_example_runs_and_prints_what_it_says(block: str) -> None:
     with contextlib.redirect_stdout(out):
         exec(compile(block, str(README), "exec"), {})
     assert out.getvalue().splitlines() == expected
+
+
+NATIVE = [b for b in BLOCKS if "create_tun" in b]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("block", NATIVE, ids=[f"native{i}" for i in range(len(NATIVE))])
+def test_readme_device_example_reads_a_ping(block: str, root: None) -> None:  # noqa: F811
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, str(README), "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "read 84 bytes: ICMP type 8 (echo request) 10.99.0.1 -> 10.99.0.2"
+    assert lines[2].endswith("[closed]>")
