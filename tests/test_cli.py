@@ -52,15 +52,17 @@ def test_bad_arguments_exit_2_with_usage_and_no_traceback(args: tuple[str, ...])
 
 
 def test_demo_without_root_falls_back_to_memory_in_one_line(root: None) -> None:  # noqa: F811
-    # setpriv drops root's uid, as an ordinary user would run it.
+    # setpriv drops the capabilities an ordinary user lacks.
+    drop = "-net_admin,-sys_admin"
     proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *TUNKIT, "demo",
+        ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *TUNKIT, "demo",
          "--packets", "500"],
         capture_output=True, text=True, timeout=60, check=False,
         env={**os.environ, "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stderr
-    assert "needs root" in proc.stdout and "sudo tunkit demo" in proc.stdout
+    assert "needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN missing)" in proc.stdout
+    assert "sudo tunkit demo" in proc.stdout
     assert "in-memory demo" in proc.stdout
 
 

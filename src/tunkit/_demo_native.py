@@ -101,14 +101,37 @@ class NativeDemoResult:
         return bad + (1 if self.tcp_error or not self.tcp_bytes else 0)
 
 
+# Bits of the capability sets in /proc/self/status, <linux/capability.h>.
+_CAP_NET_ADMIN: Final = 12
+_CAP_SYS_ADMIN: Final = 21
+
+
+def _missing_capabilities() -> list[str]:
+    """The capabilities the real demo needs that this process does not have."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
+    effective = int(line.split()[1], 16)
+    return [
+        name
+        for name, bit in (("CAP_NET_ADMIN", _CAP_NET_ADMIN), ("CAP_SYS_ADMIN", _CAP_SYS_ADMIN))
+        if not effective >> bit & 1
+    ]
+
+
 def preflight() -> None:
     """Check that the real demo can run here.
 
     Raises:
         DemoUnavailable: with one line naming what is missing.
     """
-    if os.geteuid() != 0:
-        raise DemoUnavailable("the real-device demo needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+    missing = _missing_capabilities()
+    if missing:
+        raise DemoUnavailable(
+            f"the real-device demo needs root ({' and '.join(missing)} missing)"
+        )
     if not os.path.exists("/dev/net/tun"):
         raise DemoUnavailable("/dev/net/tun is missing (try: modprobe tun)")
     for tool, package in (("ip", "iproute2"), ("ping", "iputils-ping")):
