@@ -1,0 +1,290 @@
+"""The pair-load benchmark: bulk TCP between two namespaces, through tunkit and baselines.
+
+Each setup gets two fresh network namespaces, A and B, joined by one of:
+
+- ``tunkit``: a NativeTun in each (offload on), joined in this process,
+  super-packets passed through whole;
+- ``tunkit-split``: the same with ``passthrough=False``: every super-packet is
+  split on read and coalesced again on write;
+- ``tunkit-nooffload``: NativeTuns without offload: one packet per system call;
+- ``veth``: a veth pair, the kernel alone (the ceiling);
+- ``naive``: TUN devices without offload joined by the loop anyone would write
+  first: one blocking read and one write per packet, a thread each way.
+
+iperf3 runs in the namespaces (server in B, client in A) for the given seconds
+and streams; the result is the receiver's Gbit/s and the sender's retransmits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from ._copy import copy
+from ._forwarder import Forwarder, Point2Point
+from ._linux.device import NativeTun, create_tun
+from ._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
+from ._pool import Pool
+
+__all__ = ["SETUPS", "BenchResult", "BenchUnavailable", "run_pair_load"]
+
+SETUPS: Final = ("tunkit", "tunkit-split", "tunkit-nooffload", "veth", "naive")
+VIAS: Final = ("copy", "forwarder", "p2p")
+
+# Addresses exist only inside the namespaces made here.
+_A_ADDR: Final = "10.214.0.1"
+_B_ADDR: Final = "10.214.0.2"
+_PREFIX_LEN: Final = 24
+_PORT: Final = 5201
+_NS_PREFIX: Final = "tk"
+
+
+class BenchUnavailable(Exception):
+    """The benchmark cannot run here; the message names what is missing."""
+
+
+@dataclass
+class BenchResult:
+    """One setup's figures."""
+
+    name: str
+    gbit_s: float
+    streams: int
+    seconds: float
+    retransmits: int = 0
+    via: str = ""
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    error: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def preflight() -> None:
+    """Raise :class:`BenchUnavailable` naming what the benchmark lacks here."""
+    from ._demo_native import DemoUnavailable
+    from ._demo_native import preflight as demo_preflight
+
+    try:
+        demo_preflight()
+    except DemoUnavailable as exc:
+        raise BenchUnavailable(str(exc).replace("real-device demo", "benchmark")) from None
+    if shutil.which("iperf3") is None:
+        raise BenchUnavailable("'iperf3' is missing (Debian package: iperf3)")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def _pair(tag: str) -> Iterator[tuple[str, str]]:
+    a = unique_netns_name(f"bench-{tag}-a", _NS_PREFIX)
+    b = unique_netns_name(f"bench-{tag}-b", _NS_PREFIX)
+    made = []
+    try:
+        for name in (a, b):
+            create_netns(name)
+            made.append(name)
+            _ip("-n", name, "link", "set", "lo", "up")
+        yield a, b
+    finally:
+        for name in made:
+            with contextlib.suppress(FileNotFoundError):
+                delete_netns(name)
+
+
+def _tun(ns: str, addr: str, offload: bool) -> NativeTun:
+    tun = create_tun(f"tkb{os.getpid()}", 1500, offload=offload, netns=ns)
+    try:
+        tun.add_address(f"{addr}/{_PREFIX_LEN}")
+        tun.up()
+    except BaseException:
+        tun.close()
+        raise
+    return tun
+
+
+def _naive_loop(src: int, dst: int, stop: threading.Event) -> None:
+    """One blocking read and one write system call per packet: the loop anyone writes first.
+
+    *src* must be blocking; :func:`_wake` ends a read blocked when *stop* is set.
+    """
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    while not stop.is_set():
+        try:
+            n = os.readv(src, [view])
+            os.write(dst, view[:n])
+        except OSError:
+            continue  # the kernel refused one packet: a naive loop drops it
+
+
+def _wake(ns: str, target: str) -> None:
+    """Send one datagram from namespace *ns* to *target*, out through its TUN device."""
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "0.2", target],
+        capture_output=True, timeout=10, check=False,
+    )
+
+
+def _iperf(ns_a: str, ns_b: str, seconds: float, streams: int) -> tuple[float, int]:
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns_b, "iperf3", "-s", "-1", "-p", str(_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(50):  # wait for the server's socket
+            probe = subprocess.run(
+                ["ip", "netns", "exec", ns_b, "ss", "-Hltn", f"sport = :{_PORT}"],
+                capture_output=True, text=True, check=False,
+            )
+            if probe.stdout.strip():
+                break
+            time.sleep(0.1)
+        client = subprocess.run(
+            ["ip", "netns", "exec", ns_a, "iperf3", "-c", _B_ADDR, "-p", str(_PORT),
+             "-t", f"{seconds:g}", "-P", str(streams), "--json"],
+            capture_output=True, text=True, timeout=seconds + 60, check=False,
+        )
+        report = json.loads(client.stdout)
+        if "error" in report:
+            raise RuntimeError(f"iperf3: {report['error']}")
+        end = report["end"]
+        return end["sum_received"]["bits_per_second"] / 1e9, int(
+            end["sum_sent"].get("retransmits", 0)
+        )
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+def _join(via: str, a: NativeTun, b: NativeTun, passthrough: bool) -> Callable[[], None]:
+    """Join *a* and *b* the way *via* says; return the function that ends it."""
+    if via == "copy":
+        thread = threading.Thread(
+            target=copy, args=(a, b), kwargs={"passthrough": passthrough}, name="tunkit-bench-copy"
+        )
+        thread.start()
+
+        def stop_copy() -> None:
+            a.close()
+            thread.join()
+
+        return stop_copy
+    if via == "p2p":
+        p2p = Point2Point(Pool(), passthrough=passthrough)
+        p2p.set_a(a)
+        p2p.set_b(b)
+        return p2p.stop
+    a2b = Forwarder(Pool(), passthrough=passthrough)
+    b2a = Forwarder(Pool(), passthrough=passthrough)
+    a2b.set_read_tun(a)
+    a2b.set_write_tun(b)
+    b2a.set_read_tun(b)
+    b2a.set_write_tun(a)
+
+    def stop_forwarders() -> None:
+        a2b.stop()
+        b2a.stop()
+
+    return stop_forwarders
+
+
+def _run_setup(name: str, via: str, seconds: float, streams: int) -> BenchResult:
+    result = BenchResult(name, 0.0, streams, seconds, via=via if name.startswith("tunkit") else "")
+    with _pair(name) as (ns_a, ns_b):
+        if name == "veth":
+            va, vb = f"tkva{os.getpid()}", f"tkvb{os.getpid()}"
+            _ip("link", "add", va, "netns", ns_a, "type", "veth", "peer", "name", vb,
+                "netns", ns_b)
+            for ns, dev, addr in ((ns_a, va, _A_ADDR), (ns_b, vb, _B_ADDR)):
+                _ip("-n", ns, "addr", "add", f"{addr}/{_PREFIX_LEN}", "dev", dev)
+                _ip("-n", ns, "link", "set", dev, "up")
+            result.gbit_s, result.retransmits = _iperf(ns_a, ns_b, seconds, streams)
+            return result
+        offload = name in ("tunkit", "tunkit-split")
+        with _tun(ns_a, _A_ADDR, offload) as a, _tun(ns_b, _B_ADDR, offload) as b:
+            if name == "naive":
+                stop = threading.Event()
+                threads = []
+                for x, y in ((a, b), (b, a)):
+                    os.set_blocking(x.fileno(), True)  # NativeTun's own calls are not used
+                    threads.append(threading.Thread(
+                        target=_naive_loop, args=(x.fileno(), y.fileno(), stop),
+                        name="tunkit-bench-naive",
+                    ))
+                for t in threads:
+                    t.start()
+                try:
+                    result.gbit_s, result.retransmits = _iperf(ns_a, ns_b, seconds, streams)
+                finally:
+                    stop.set()
+                    wakers = ((ns_a, _B_ADDR), (ns_b, _A_ADDR))
+                    for t, (ns, target) in zip(threads, wakers, strict=True):
+                        while t.is_alive():
+                            _wake(ns, target)
+                            t.join(0.5)
+                return result
+            end = _join(via, a, b, passthrough=name != "tunkit-split")
+            try:
+                result.gbit_s, result.retransmits = _iperf(ns_a, ns_b, seconds, streams)
+            finally:
+                result.stats = {"a": asdict(a.stats()), "b": asdict(b.stats())}
+                end()
+    return result
+
+
+def run_pair_load(
+    seconds: float = 10.0,
+    streams: int = 1,
+    via: str = "copy",
+    setups: tuple[str, ...] = SETUPS,
+    on_start: Callable[[str], None] | None = None,
+) -> list[BenchResult]:
+    """Run each of *setups* for *seconds* with *streams* TCP streams; return the figures.
+
+    A setup that fails is reported with its error and 0 Gbit/s; the others go on.
+
+    Raises:
+        BenchUnavailable: no root, no /dev/net/tun, ``ip`` or ``iperf3``.
+        ValueError: an unknown setup or *via*.
+    """
+    preflight()
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        raise ValueError(f"unknown setup {unknown[0]!r}; choose from {', '.join(SETUPS)}")
+    if via not in VIAS:
+        raise ValueError(f"unknown via {via!r}; choose from {', '.join(VIAS)}")
+    remove_stale_netns(_NS_PREFIX)
+    results = []
+    for name in setups:
+        if on_start is not None:
+            on_start(name)
+        try:
+            results.append(_run_setup(name, via, seconds, streams))
+        except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+            results.append(BenchResult(name, 0.0, streams, seconds, error=f"{exc}"))
+    return results
+
+
+def ratios(results: list[BenchResult]) -> dict[str, dict[str, float]]:
+    """Each result's ratio to ``naive`` and to ``veth`` (when those ran)."""
+    by_name = {r.name: r.gbit_s for r in results}
+    out: dict[str, dict[str, float]] = {}
+    for r in results:
+        out[r.name] = {
+            base: r.gbit_s / by_name[base]
+            for base in ("naive", "veth")
+            if by_name.get(base)
+        }
+    return out
