@@ -29,7 +29,7 @@ from .constants import (
     VIRTIO_NET_HDR_GSO_NONE,
     VIRTIO_NET_HDR_LEN,
 )
-from .fd import Descriptor
+from .fd import _Descriptor
 from .netns import inside as netns_inside
 from .netns import open_netns
 
@@ -203,7 +203,7 @@ class NativeTun:
     ) -> None:
         """Private: use :func:`create_tun` or :func:`open_tun`. Takes ownership of
         *fd*, *ns_fd* and *monitor*, and starts the monitor's thread."""
-        self._fd = Descriptor(fd, "device")
+        self._fd = _Descriptor(fd, "device")
         self._ns_fd = ns_fd  # None: the device lives in this process's namespace
         self._vnet_hdr = vnet_hdr
         self._batch = BATCH_OFFLOAD if vnet_hdr else 1

@@ -13,12 +13,12 @@ from .._errors import ClosedError
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-__all__ = ["Descriptor"]
+__all__ = ["_Descriptor"]
 
 _POLL_ERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
-class Descriptor:
+class _Descriptor:
     """Own one descriptor: vectored reads and writes that close() interrupts.
 
     Takes ownership of *fd* and makes it non-blocking. A call that would block
@@ -142,4 +142,4 @@ class Descriptor:
 
     def __repr__(self) -> str:
         state = " [closed]" if self._closing else ""
-        return f"<Descriptor fd={self._fd}{state}>"
+        return f"<_Descriptor fd={self._fd}{state}>"
