@@ -131,3 +131,11 @@ def test_leftovers_of_dead_processes_are_removed(root: None) -> None:
         for name in (stale, mine):
             if name in tk_netns.list_netns():
                 tk_netns.delete_netns(name)
+
+
+def test_root_tests_say_why_they_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import netns_util
+
+    monkeypatch.setattr(netns_util.os, "geteuid", lambda: 1000)
+    reason = netns_util.root_unavailable()
+    assert reason is not None and "root" in reason
