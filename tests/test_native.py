@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from conformance import Harness, TunConformance, read_packets
+from conformance import Harness, TunConformance
 from netns_util import NativeHarness, netns_factory, ns_run, root  # noqa: F401
 
 from tunkit import ClosedError, Event, OffsetError, Tun
@@ -40,17 +40,6 @@ class TestNativeConformance(TunConformance):
             yield h
         finally:
             h.close()
-
-    def test_packet_longer_than_room_never_overflows(self, harness: Harness) -> None:
-        # The shared test reads until two packets came; a native device drops
-        # the long one (SPEC.md), so that read would wait for ever. Same
-        # check, the native way: the next packet arrives whole, the drop is counted.
-        tun = harness.tun
-        assert isinstance(tun, NativeTun)
-        big, small = harness.packet(1, 1400), harness.packet(2, 100)
-        harness.inject([big, small])
-        assert read_packets(tun, 1, room=600) == [small]
-        assert tun.stats().dropped_too_big == 1
 
 
 def test_harness_round_trip(netns_factory: MakeNs) -> None:
