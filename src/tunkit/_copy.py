@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from ._buffers import close_quietly, write_all
 from ._errors import ClosedError, RetryableError
+from ._gso import GSO_BATCH, GSO_BUF_LEN, gso_offset, gso_pair, write_all_with
 
 if TYPE_CHECKING:
     from ._tun import Tun
@@ -15,12 +16,15 @@ __all__ = ["copy"]
 
 
 
-def _pump(src: Tun, dst: Tun) -> None:
+def _pump(src: Tun, dst: Tun, passthrough: bool) -> None:
     """Copy packets from *src* to *dst* until a call raises.
 
     Packets are read at an offset that satisfies both ``src.mro()`` and
     ``dst.mwo()`` and written from the same buffers: no copy in between.
     """
+    if passthrough and gso_pair(src, dst):
+        _pump_gso(src, dst)
+        return
     offset = max(src.mro(), dst.mwo())
     count = max(src.batch_size(), 1)
     size = offset + max(src.mtu(), dst.mtu())
@@ -37,6 +41,25 @@ def _pump(src: Tun, dst: Tun) -> None:
             write_all(dst, (views[0][: offset + sizes[0]],), offset)
         elif n > 1:
             write_all(dst, [views[i][: offset + sizes[i]] for i in range(n)], offset)
+
+
+def _pump_gso(src: Tun, dst: Tun) -> None:
+    """Copy whole super-packets from *src* to *dst* (both GsoTuns) until a call raises."""
+    read = src.read_gso  # type: ignore[attr-defined]
+    write = dst.write_gso  # type: ignore[attr-defined]
+    offset = gso_offset(src, dst)
+    count = GSO_BATCH
+    bufs = [bytearray(offset + GSO_BUF_LEN) for _ in range(count)]
+    views = [memoryview(buf) for buf in bufs]
+    sizes = [0] * count
+    chunk = max(dst.batch_size(), 1)
+    while True:
+        try:
+            n = read(bufs, sizes, offset)
+        except RetryableError:
+            continue
+        if n > 0:
+            write_all_with(write, chunk, [views[i][: offset + sizes[i]] for i in range(n)], offset)
 
 
 def copy(a: Tun, b: Tun, *, passthrough: bool = True) -> None:
@@ -62,7 +85,7 @@ def copy(a: Tun, b: Tun, *, passthrough: bool = True) -> None:
 
     def run(src: Tun, dst: Tun) -> None:
         try:
-            _pump(src, dst)
+            _pump(src, dst, passthrough)
         except ClosedError:
             pass
         except BaseException as exc:  # re-raised by the calling thread below

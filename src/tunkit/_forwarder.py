@@ -6,9 +6,11 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Final, final
 
-from ._buffers import WRITE_NO_PROGRESS, close_quietly
+from ._buffers import WRITE_NO_PROGRESS, close_quietly, write_all
 from ._errors import ClosedError, RetryableError, TunError
+from ._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, gso_offset, gso_pair, split_for
 from ._pool import BufferPool, get_buffer, put_buffer
+from ._tun import GsoTun
 
 if TYPE_CHECKING:
     from ._tun import Tun
@@ -25,10 +27,15 @@ _QUEUE_DEPTH: Final = 32
 class _Batch:
     """Packets read from the read Tun, on their way to the write Tun."""
 
-    __slots__ = ("bufs", "done", "offset", "sizes")
+    __slots__ = ("bufs", "done", "gso_mtu", "offset", "sizes")
 
-    def __init__(self, bufs: list[bytearray], sizes: list[int], offset: int) -> None:
+    def __init__(
+        self, bufs: list[bytearray], sizes: list[int], offset: int, gso_mtu: int = 0
+    ) -> None:
         self.bufs = bufs
+        # Nonzero: the packets are whole super-packets (virtio header in front)
+        # read from a GsoTun of this MTU.
+        self.gso_mtu = gso_mtu
         self.sizes = sizes
         self.offset = offset
         self.done = 0  # packets already written
@@ -154,10 +161,18 @@ class Forwarder:
                 tun = self._read_tun
                 assert tun is not None
                 writer = self._write_tun
-            # Read with the headroom the write Tun needs, so the batch is written in place.
-            offset = max(tun.mro(), writer.mwo() if writer is not None else 0)
-            count = max(tun.batch_size(), 1)
-            size = offset + tun.mtu()
+            gso = self._passthrough and writer is not None and gso_pair(tun, writer)
+            if gso:
+                offset = gso_offset(tun, writer)
+                count = GSO_BATCH
+                size = offset + GSO_BUF_LEN
+                read = tun.read_gso  # type: ignore[attr-defined]
+            else:
+                # Read with the headroom the write Tun needs, so the batch is written in place.
+                offset = max(tun.mro(), writer.mwo() if writer is not None else 0)
+                count = max(tun.batch_size(), 1)
+                size = offset + tun.mtu()
+                read = tun.read
             # Buffers not filled by the last read are kept for the next one: only
             # the n buffers handed on with a batch are taken from the pool again.
             spare = self._spare
@@ -169,7 +184,7 @@ class Forwarder:
             bufs = spare[:count]
             sizes = [0] * count
             try:
-                n = tun.read(bufs, sizes, offset)
+                n = read(bufs, sizes, offset)
             except RetryableError:
                 continue
             except Exception:
@@ -178,7 +193,7 @@ class Forwarder:
             if n <= 0:
                 continue
             del spare[:n]
-            batch = _Batch(bufs[:n], sizes[:n], offset)
+            batch = _Batch(bufs[:n], sizes[:n], offset, tun.mtu() if gso else 0)
             with self._lock:
                 # Write it on this thread when nothing is queued and the writer is
                 # idle: no hand-off, so no thread switch on the common path.
@@ -254,6 +269,9 @@ class Forwarder:
 
     def _write(self, tun: Tun, batch: _Batch) -> None:
         """Write the unwritten packets of *batch* to *tun*, recording progress in ``done``."""
+        if batch.gso_mtu:
+            self._write_gso(tun, batch)
+            return
         mwo = tun.mwo()
         bufs, sizes = batch.bufs, batch.sizes
         n = len(bufs)
@@ -280,6 +298,34 @@ class Forwarder:
             if written <= 0:
                 raise TunError(WRITE_NO_PROGRESS)
             batch.done += written
+
+    def _write_gso(self, tun: Tun, batch: _Batch) -> None:
+        """Write a batch of super-packets: whole when *tun* takes them, else split."""
+        bufs, sizes, offset = batch.bufs, batch.sizes, batch.offset
+        n = len(bufs)
+        whole = (
+            isinstance(tun, GsoTun) and tun.mtu() >= batch.gso_mtu and offset >= tun.mwo()
+        )
+        if whole:
+            write = tun.write_gso  # type: ignore[attr-defined]
+            chunk = max(tun.batch_size(), 1)
+            views = [memoryview(bufs[i])[: offset + sizes[i]] for i in range(n)]
+            while batch.done < n:
+                written = write(views[batch.done : min(batch.done + chunk, n)], offset)
+                if written <= 0:
+                    raise TunError(WRITE_NO_PROGRESS)
+                batch.done += written
+            return
+        # The write Tun changed to one that cannot take super-packets: split each
+        # one into plain packets behind the headroom it needs.
+        headroom = tun.mwo()
+        while batch.done < n:
+            i = batch.done
+            packet = memoryview(bufs[i])[offset - VNET_HDR_LEN : offset + sizes[i]]
+            segments, seg_sizes = split_for(tun, packet, headroom)
+            pairs = zip(segments, seg_sizes, strict=True)
+            write_all(tun, [memoryview(seg)[: headroom + k] for seg, k in pairs], headroom)
+            batch.done += 1
 
 
 class Point2Point:

@@ -1,0 +1,98 @@
+"""Moving GSO super-packets whole between two GsoTuns, and splitting them when the far end can't.
+
+Shared by :func:`copy` and :class:`Forwarder`. A super-packet is kept as the
+kernel gave it: the 10-byte virtio-net header at ``buf[offset - 10:offset]``
+and up to 64 KB of one TCP or UDP flow at ``buf[offset:]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final
+
+from ._buffers import WRITE_NO_PROGRESS
+from ._errors import TooManySegmentsError, TunError
+from ._tun import GsoTun
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from ._tun import Tun
+
+__all__ = [
+    "GSO_BATCH",
+    "GSO_BUF_LEN",
+    "VNET_HDR_LEN",
+    "gso_offset",
+    "gso_pair",
+    "split_for",
+    "write_all_with",
+]
+
+VNET_HDR_LEN: Final = 10  # struct virtio_net_hdr, <linux/virtio_net.h>
+# Room for the largest IP packet (a 64 KB super-packet) behind the headroom.
+GSO_BUF_LEN: Final = 65535
+# Super-packets read per call: each is one system call of up to 64 KB, so a
+# few per call already amortise the Python around them (memory: 16 x 64 KB).
+GSO_BATCH: Final = 16
+
+
+def gso_pair(src: object, dst: object) -> bool:
+    """Whether super-packets can go from *src* to *dst* whole.
+
+    Both must be :class:`GsoTun` s and the destination's MTU must fit the
+    source's segments.
+    """
+    if not (isinstance(src, GsoTun) and isinstance(dst, GsoTun)):
+        return False
+    return dst.mtu() >= src.mtu()  # type: ignore[attr-defined, no-any-return]
+
+
+def gso_offset(src: Tun, dst: Tun | None) -> int:
+    """The read offset for super-packets: room for the header and both ends' minimums."""
+    return max(VNET_HDR_LEN, src.mro(), dst.mwo() if dst is not None else 0)
+
+
+def write_all_with(
+    write: Callable[[Sequence[ReadableBuffer], int], int],
+    batch: int,
+    bufs: Sequence[ReadableBuffer],
+    offset: int,
+) -> None:
+    """Write all of *bufs* with *write*, *batch* at a time, looping on partial writes.
+
+    Raises:
+        TunError: a write made no progress.
+    """
+    done = 0
+    total = len(bufs)
+    while done < total:
+        n = write(bufs[done : min(done + batch, total)], offset)
+        if n <= 0:
+            raise TunError(WRITE_NO_PROGRESS)
+        done += n
+
+
+def split_for(dst: Tun, packet: memoryview, offset: int) -> tuple[list[bytearray], list[int]]:
+    """Split one super-packet (header at ``packet[:10]``) into packets for plain ``dst.write``.
+
+    Returns buffers holding each segment behind *offset* bytes of headroom,
+    and their sizes. A malformed super-packet gives no packets (dropped).
+    """
+    from ._offload import _Malformed, _TooBig, split
+
+    room = offset + max(dst.mtu(), 1280)
+    count = 48
+    while True:
+        bufs = [bytearray(room) for _ in range(count)]
+        sizes = [0] * count
+        try:
+            n = split(packet, bufs, sizes, offset)
+        except TooManySegmentsError:
+            count *= 2
+            if count > 4096:
+                return [], []
+            continue
+        except (_Malformed, _TooBig):
+            return [], []
+        return bufs[:n], sizes[:n]
