@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 
@@ -12,6 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ._bench import VIAS
+from ._cli_bench import BENCH_HELP, UsageError, run_bench
+from ._cli_bridge import BRIDGE_HELP, BridgeError, run_bridge
 from ._demo_memory import DirectionResult, run_memory_demo
 
 __all__ = ["main"]
@@ -49,10 +53,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunkit",
-        description="TUN devices for Python: see them work (demo).",
+        description="TUN devices for Python: see them work (demo), measure them (bench), "
+        "put them to use (bridge).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -68,6 +83,36 @@ def _parser() -> argparse.ArgumentParser:
         "--packets", type=_positive, default=20000, help="packets each way (in-memory demo)"
     )
     demo.add_argument("--batch", type=_positive, default=32, help="pipe batch size (in-memory)")
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure TCP between two namespaces through tunkit, veth and a naive loop",
+        description=BENCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--seconds", type=_positive_float, default=10.0, help="per setup")
+    bench.add_argument("--streams", type=_positive, default=1, help="parallel TCP streams")
+    bench.add_argument("--via", choices=VIAS, default="copy", help="how tunkit joins the devices")
+    bench.add_argument("--no-offload", action="store_true", help="skip the offload setups")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
+
+    bridge = sub.add_parser(
+        "bridge",
+        help="join two TUN devices until Ctrl-C, printing counters",
+        description=BRIDGE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bridge.add_argument("a", metavar="A", help="first device's name")
+    bridge.add_argument("b", metavar="B", help="second device's name")
+    bridge.add_argument("--create", action="store_true", help="make the devices")
+    bridge.add_argument("--mtu", type=_positive, help="MTU of created devices")
+    bridge.add_argument("--address", action="append", metavar="DEV=CIDR",
+                        help="address for a created device (repeatable)")
+    bridge.add_argument("--netns-a", metavar="NS", help="network namespace of A")
+    bridge.add_argument("--netns-b", metavar="NS", help="network namespace of B")
+    bridge.add_argument("--interval", type=_positive_float, default=5.0,
+                        help="seconds between counter lines")
     return parser
 
 
@@ -184,6 +229,30 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _root_problem() -> str | None:
+    """One line on why the real-device commands cannot run here, or None."""
+    from ._demo_native import DemoUnavailable, preflight
+
+    try:
+        preflight()
+    except DemoUnavailable as exc:
+        return str(exc).replace("the real-device demo", "this command")
+    return None
+
+
+def _bridge(args: argparse.Namespace, console: Console) -> int:
+    problem = _root_problem()
+    if problem is not None and "ping" not in problem:
+        raise _UsageError(problem)
+    stop = threading.Event()
+    try:
+        return run_bridge(args, console, stop)
+    except KeyboardInterrupt:
+        stop.set()
+        console.print("stopped")
+        return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with *argv* (default ``sys.argv[1:]``); return the exit status."""
     args = _parser().parse_args(argv)
@@ -193,7 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args, console)
-    except _UsageError as exc:
+        if args.command == "bench":
+            return run_bench(args, console)
+        if args.command == "bridge":
+            return _bridge(args, console)
+    except (_UsageError, UsageError, BridgeError) as exc:
         print(f"tunkit: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
