@@ -131,12 +131,11 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
             r.error,
         )
     console.print(table)
-    try:
-        from ._offload import speedups_enabled  # type: ignore[attr-defined]
+    from . import _offload
 
-        console.print(f"offload engine: {'C speedups' if speedups_enabled() else 'pure Python'}")
-    except ImportError:
-        pass
+    enabled = getattr(_offload, "speedups_enabled", None)
+    if enabled is not None:
+        console.print(f"offload engine: {'C speedups' if enabled() else 'pure Python'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": [r.as_json() for r in results], "ratios": by_ratio}, f, indent=2)
