@@ -41,9 +41,14 @@ def ones_sum(data: ReadableBuffer, initial: int = 0) -> int:
     As 2**16 == 1 (mod 0xFFFF), the sum of the big-endian words is the whole
     buffer read as one integer, modulo 0xFFFF: a single pass in C. *initial*
     is any non-negative partial sum (folded or not), a pseudo-header's say.
+
+    Raises:
+        ValueError: *initial* is negative.
     """
+    if initial < 0:
+        raise ValueError("initial sum must be non-negative")
     n = int.from_bytes(data, "big")
-    if len(memoryview(data)) & 1:
+    if memoryview(data).nbytes & 1:
         n <<= 8  # an odd tail is padded with a zero byte
     return fold(n + initial)
 

@@ -258,8 +258,7 @@ def _valid(pkt: memoryview, cand: _Candidate, proto: int, is_v6: bool) -> bool:
     return ones_sum(pkt[iph_len:], pseudo_sum(addrs, proto, l4_len)) == 0xFFFF
 
 
-@final
-class Coalescer:
+class Coalescer:  # not final: _impl.NativeCoalescer plans the same writes in C
     """Turn batches of IP packets into kernel writes for a TUN device with a virtio header.
 
     One per device, used under the device's write lock: it owns a scratch

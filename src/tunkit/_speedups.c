@@ -1,0 +1,1637 @@
+/*
+ * tunkit._speedups: the hot kernels of the offload engine in plain C.
+ *
+ * One behaviour, two implementations: every function here does exactly what
+ * its pure-Python twin in tunkit/_offload/ does (checksum.py, split.py,
+ * coalesce.py), byte for byte, with the same exceptions and messages; the
+ * test suite runs on both and hypothesis compares them. Read the Python
+ * modules for the why of each rule (RFC sections, kernel functions); this file
+ * only says where C differs in how, not in what.
+ *
+ * Buffers are taken with PyObject_GetBuffer (or as memoryviews that hold an
+ * export), so no exporter can resize or free them; then the GIL is released
+ * for the work on the bytes when there is enough of it (GIL_RELEASE_BYTES):
+ * a reader thread splitting and a writer thread coalescing run at once.
+ *
+ * The Internet checksum is summed in host byte order, 32 bits at a time into
+ * a 64-bit accumulator, then folded and byte-swapped (RFC 1071 section 2(B):
+ * the sum is independent of byte order). Every fold keeps "negative zero":
+ * a sum is 0 only when all its data is zero, as in checksum.fold.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+/* Below this many bytes of work the GIL is kept: releasing and taking it
+ * back costs more than the work, and may wait for another thread's switch
+ * interval. */
+#define GIL_RELEASE_BYTES 8192
+
+/* <linux/virtio_net.h> */
+#define VNET_HDR_LEN 10
+#define F_NEEDS_CSUM 1
+#define GSO_NONE 0
+#define GSO_TCPV4 1
+#define GSO_TCPV6 4
+#define GSO_UDP_L4 5
+#define GSO_ECN 0x80
+
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+#define IP_MAX_PACKET_LEN 0xFFFF
+#define IP4_MIN_HDR_LEN 20
+#define IP6_HDR_LEN 40
+#define TCP_MIN_HDR_LEN 20
+#define UDP_HDR_LEN 8
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_URG 0x20
+#define TCP_CWR 0x80
+#define TCP_LAST_ONLY (TCP_FIN | TCP_PSH)
+#define TCP_FIRST_ONLY TCP_CWR
+#define TCP_NEVER (TCP_SYN | TCP_RST | TCP_URG)
+
+#define IP4_FLAG_DF 0x4000
+#define IP4_FRAGMENT 0x3FFF /* MF | fragment offset */
+
+/* coalesce.py: _SLOT_LEN, _MAX_UDP_SEGMENTS, _MAX_TCP_SEGMENTS */
+#define SLOT_LEN (VNET_HDR_LEN + IP6_HDR_LEN + 60)
+#define MAX_UDP_SEGMENTS 64
+#define MAX_TCP_SEGMENTS (1024 - 2)
+
+/* ------------------------------------------------------------------------ */
+/* Module state: the Python classes the kernels raise and build.             */
+
+typedef struct {
+    PyObject *malformed;  /* tunkit._offload.headers._Malformed */
+    PyObject *too_big;    /* tunkit._offload.headers._TooBig */
+    PyObject *too_many;   /* tunkit._errors.TooManySegmentsError */
+    PyObject *write_cls;  /* tunkit._offload.coalesce.Write (a NamedTuple) */
+    PyObject *zero_hdr;   /* tunkit._offload.coalesce.ZERO_VNET_HDR */
+} state_t;
+
+static state_t *
+get_state(PyObject *module)
+{
+    state_t *st = (state_t *)PyModule_GetState(module);
+    if (st->malformed == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "tunkit._speedups: bind() was not called (import tunkit._offload)");
+        return NULL;
+    }
+    return st;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Byte helpers                                                              */
+
+static inline uint16_t
+get16(const uint8_t *p)
+{
+    return (uint16_t)((p[0] << 8) | p[1]);
+}
+
+static inline uint32_t
+get32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline void
+put16(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static inline void
+put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static inline uint16_t
+host16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+static inline void
+put_host16(uint8_t *p, uint16_t v)
+{
+    memcpy(p, &v, 2);
+}
+
+/* Python's view[offset:] start for a sequence of length len. */
+static inline Py_ssize_t
+slice_start(Py_ssize_t len, Py_ssize_t offset)
+{
+    if (offset < 0) {
+        offset += len;
+        return offset < 0 ? 0 : offset;
+    }
+    return offset > len ? len : offset;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The Internet checksum                                                     */
+
+/* checksum.fold for a total that fits 64 bits: 0 only for a zero total. */
+static inline uint32_t
+fold64(uint64_t s)
+{
+    while (s >> 16) {
+        s = (s & 0xFFFF) + (s >> 16);
+    }
+    return (uint32_t)s;
+}
+
+/* Sum of data as big-endian 16-bit words (an odd tail padded with a zero
+ * byte), folded: congruent modulo 0xFFFF, and 0 only for all-zero data. */
+static uint32_t
+be_sum(const uint8_t *p, size_t n)
+{
+    uint64_t s = 0, t = 0;
+    size_t i = 0;
+    /* Two accumulators and a plain loop: gcc vectorizes it. 2**32 words of
+     * 32 bits cannot overflow a 64-bit sum. */
+    for (; i + 8 <= n; i += 8) {
+        uint32_t a, b;
+        memcpy(&a, p + i, 4);
+        memcpy(&b, p + i + 4, 4);
+        s += a;
+        t += b;
+    }
+    s += t;
+    if (i + 4 <= n) {
+        uint32_t a;
+        memcpy(&a, p + i, 4);
+        s += a;
+        i += 4;
+    }
+    if (i + 2 <= n) {
+        s += host16(p + i);
+        i += 2;
+    }
+    if (i < n) {
+#if PY_BIG_ENDIAN
+        s += (uint32_t)p[i] << 8;
+#else
+        s += p[i];
+#endif
+    }
+    uint32_t folded = fold64(s);
+#if PY_BIG_ENDIAN
+    return folded;
+#else
+    return ((folded & 0xFF) << 8) | (folded >> 8);
+#endif
+}
+
+/* checksum.ones_sum with an initial sum below 2**63. */
+static inline uint32_t
+ones_sum_raw(const uint8_t *p, size_t n, uint64_t initial)
+{
+    return fold64((uint64_t)be_sum(p, n) + initial);
+}
+
+/* checksum.update16, RFC 1624 equation 3. */
+static inline uint32_t
+update16_raw(uint32_t csum, uint32_t old, uint64_t new_)
+{
+    return ~fold64((uint64_t)(~csum & 0xFFFF) + (~old & 0xFFFF) + new_) & 0xFFFF;
+}
+
+/* Read a non-negative Python int as a sum to add: any value, reduced modulo
+ * 0xFFFF where it does not fit (keeping a non-zero value non-zero). */
+static int
+parse_initial(PyObject *obj, uint64_t *out)
+{
+    if (obj == NULL) {
+        *out = 0;
+        return 0;
+    }
+    if (!PyLong_Check(obj)) {
+        PyObject *idx = PyNumber_Index(obj);
+        if (idx == NULL) {
+            return -1;
+        }
+        int r = parse_initial(idx, out);
+        Py_DECREF(idx);
+        return r;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow < 0 || (overflow == 0 && v < 0)) {
+        PyErr_SetString(PyExc_ValueError, "initial sum must be non-negative");
+        return -1;
+    }
+    if (overflow == 0) {
+        *out = (uint64_t)v;
+        return 0;
+    }
+    PyObject *mod = PyLong_FromLong(0xFFFF);
+    if (mod == NULL) {
+        return -1;
+    }
+    PyObject *rem = PyNumber_Remainder(obj, mod);
+    Py_DECREF(mod);
+    if (rem == NULL) {
+        return -1;
+    }
+    long r = PyLong_AsLong(rem);
+    Py_DECREF(rem);
+    *out = r == 0 ? 0xFFFF : (uint64_t)r;
+    return 0;
+}
+
+/* Parse fast-call arguments by name: args[0..nargs) then keywords. */
+static int
+parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+           const char *const *names, int n_names, int n_required, PyObject **out)
+{
+    if (nargs > n_names) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fname,
+                     n_names, nargs);
+        return -1;
+    }
+    for (int i = 0; i < n_names; i++) {
+        out[i] = i < nargs ? args[i] : NULL;
+    }
+    if (kwnames != NULL) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t k = 0; k < nk; k++) {
+            PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+            int found = 0;
+            for (int i = 0; i < n_names; i++) {
+                if (PyUnicode_CompareWithASCIIString(key, names[i]) == 0) {
+                    if (out[i] != NULL) {
+                        PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
+                                     fname, names[i]);
+                        return -1;
+                    }
+                    out[i] = args[nargs + k];
+                    found = 1;
+                    break;
+                }
+            }
+            if (!found) {
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'",
+                             fname, key);
+                return -1;
+            }
+        }
+    }
+    for (int i = 0; i < n_required; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname,
+                         names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+sum_common(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+           int complement)
+{
+    static const char *const names[] = {"data", "initial"};
+    PyObject *a[2];
+    if (parse_args(fname, args, nargs, kwnames, names, 2, 1, a) < 0) {
+        return NULL;
+    }
+    uint64_t initial;
+    if (parse_initial(a[1], &initial) < 0) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(a[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    uint32_t sum;
+    if (view.len >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        sum = ones_sum_raw(view.buf, (size_t)view.len, initial);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        sum = ones_sum_raw(view.buf, (size_t)view.len, initial);
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(complement ? (~sum & 0xFFFF) : sum);
+}
+
+PyDoc_STRVAR(ones_sum_doc,
+"ones_sum(data, initial=0)\n--\n\n"
+"Return the 16-bit one's-complement sum of data (RFC 1071) plus initial.");
+
+static PyObject *
+py_ones_sum(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)module;
+    return sum_common("ones_sum", args, nargs, kwnames, 0);
+}
+
+PyDoc_STRVAR(checksum_doc,
+"checksum(data, initial=0)\n--\n\n"
+"Return the Internet checksum of data: the complement of its sum with initial.");
+
+static PyObject *
+py_checksum(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)module;
+    return sum_common("checksum", args, nargs, kwnames, 1);
+}
+
+PyDoc_STRVAR(pseudo_sum_doc,
+"pseudo_sum(addrs, proto, l4_len)\n--\n\n"
+"Return the unfolded pseudo-header sum for the adjacent source and destination addrs.");
+
+static PyObject *
+py_pseudo_sum(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)module;
+    static const char *const names[] = {"addrs", "proto", "l4_len"};
+    PyObject *a[3];
+    if (parse_args("pseudo_sum", args, nargs, kwnames, names, 3, 3, a) < 0) {
+        return NULL;
+    }
+    uint64_t proto, l4_len;
+    if (parse_initial(a[1], &proto) < 0 || parse_initial(a[2], &l4_len) < 0) {
+        return NULL;
+    }
+    if (proto > 0xFFFF || l4_len > 0xFFFFFFFFu) {
+        PyErr_SetString(PyExc_ValueError, "proto or l4_len out of range");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(a[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    /* int.from_bytes(addrs) % 0xFFFF: a multiple of 0xFFFF is 0 here. */
+    uint32_t addrs = be_sum(view.buf, (size_t)view.len) % 0xFFFF;
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong((uint64_t)addrs + proto + l4_len);
+}
+
+PyDoc_STRVAR(update16_doc,
+"update16(csum, old, new)\n--\n\n"
+"Return checksum field csum after one 16-bit word changed from old to new (RFC 1624).");
+
+static PyObject *
+py_update16(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)module;
+    static const char *const names[] = {"csum", "old", "new"};
+    PyObject *a[3];
+    if (parse_args("update16", args, nargs, kwnames, names, 3, 3, a) < 0) {
+        return NULL;
+    }
+    uint64_t v[3];
+    for (int i = 0; i < 3; i++) {
+        if (parse_initial(a[i], &v[i]) < 0) {
+            return NULL;
+        }
+    }
+    if (v[0] > 0xFFFF || v[1] > 0xFFFF || v[2] > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "update16 takes 16-bit words");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(update16_raw((uint32_t)v[0], (uint32_t)v[1], v[2]));
+}
+
+/* ------------------------------------------------------------------------ */
+/* split: one kernel read into finished packets (split.py)                   */
+
+/* Acquire byte views of out_bufs[0..count): the room of each from offset on. */
+static int
+get_outs(PyObject *out_bufs, Py_ssize_t count, Py_ssize_t offset, Py_buffer *views,
+         Py_ssize_t *starts, Py_ssize_t *got)
+{
+    *got = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PySequence_GetItem(out_bufs, i);
+        if (item == NULL) {
+            return -1;
+        }
+        int r = PyObject_GetBuffer(item, &views[i], PyBUF_SIMPLE);
+        Py_DECREF(item);
+        if (r < 0) {
+            return -1;
+        }
+        *got = i + 1;
+        starts[i] = slice_start(views[i].len, offset);
+    }
+    return 0;
+}
+
+static void
+release_views(Py_buffer *views, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyBuffer_Release(&views[i]);
+    }
+}
+
+static int
+check_writable(Py_buffer *views, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (views[i].readonly) {
+            PyErr_SetString(PyExc_TypeError, "cannot modify read-only memory");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+store_sizes(PyObject *sizes, const Py_ssize_t *lens, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *v = PyLong_FromSsize_t(lens[i]);
+        if (v == NULL) {
+            return -1;
+        }
+        int r = PySequence_SetItem(sizes, i, v);
+        Py_DECREF(v);
+        if (r < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    uint8_t flags, gso_type;
+    uint16_t hdr_len, gso_size, csum_start, csum_offset;
+} vnet_t;
+
+/* split._copy_through: a GSO_NONE packet, its partial checksum completed. */
+static PyObject *
+copy_through(state_t *st, const vnet_t *h, const uint8_t *ip, Py_ssize_t ip_len,
+             PyObject *out_bufs, PyObject *sizes, Py_ssize_t offset)
+{
+    if (ip_len == 0) {
+        PyErr_SetString(st->malformed, "empty packet after the virtio header");
+        return NULL;
+    }
+    int has_bufs = PyObject_IsTrue(out_bufs);
+    if (has_bufs < 0) {
+        return NULL;
+    }
+    int has_sizes = has_bufs ? PyObject_IsTrue(sizes) : 0;
+    if (has_sizes < 0) {
+        return NULL;
+    }
+    if (!has_bufs || !has_sizes) {
+        PyErr_SetString(st->too_many, "a packet needs 1 buffer, 0 given");
+        return NULL;
+    }
+    Py_buffer view;
+    Py_ssize_t start, got;
+    if (get_outs(out_bufs, 1, offset, &view, &start, &got) < 0) {
+        release_views(&view, got);
+        return NULL;
+    }
+    Py_ssize_t room = view.len - start;
+    PyObject *result = NULL;
+    if (ip_len > room) {
+        PyErr_Format(st->too_big, "packet of %zd bytes does not fit a buffer of %zd bytes",
+                     ip_len, room);
+        goto done;
+    }
+    Py_ssize_t cs = h->csum_start, at = (Py_ssize_t)h->csum_start + h->csum_offset;
+    int needs_csum = h->flags & F_NEEDS_CSUM;
+    if (needs_csum && (cs >= ip_len || at + 2 > ip_len)) {
+        PyErr_Format(st->malformed,
+                     "csum_start %zd + csum_offset %d is beyond the packet of %zd bytes", cs,
+                     (int)h->csum_offset, ip_len);
+        goto done;
+    }
+    if (check_writable(&view, 1) < 0) {
+        goto done;
+    }
+    uint8_t *out = (uint8_t *)view.buf + start;
+    /* memmove: the caller may hand a buffer that overlaps the read. */
+    if (ip_len >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        memmove(out, ip, (size_t)ip_len);
+        if (needs_csum) {
+            uint32_t value = ~ones_sum_raw(out + cs, (size_t)(ip_len - cs), 0) & 0xFFFF;
+            put16(out + at, value ? value : 0xFFFF);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        memmove(out, ip, (size_t)ip_len);
+        if (needs_csum) {
+            uint32_t value = ~ones_sum_raw(out + cs, (size_t)(ip_len - cs), 0) & 0xFFFF;
+            put16(out + at, value ? value : 0xFFFF);
+        }
+    }
+    if (store_sizes(sizes, &ip_len, 1) < 0) {
+        goto done;
+    }
+    result = PyLong_FromLong(1);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+typedef struct {
+    const uint8_t *ip;
+    int is_v4, is_tcp;
+    Py_ssize_t iph_len, hdr_len, csum_at, gso_size, count, last_len;
+    uint32_t addr_sum, ip_base_sum, first_seq;
+    uint16_t first_id;
+    uint8_t flags, middle_flags;
+    uint8_t template[IP6_HDR_LEN + 60];
+} plan_t;
+
+/* The segments, GIL released or not: no Python object is touched. */
+static void
+write_segments(const plan_t *pl, uint8_t *const *outs, Py_ssize_t *lens)
+{
+    Py_ssize_t hdr_len = pl->hdr_len, iph_len = pl->iph_len;
+    const uint8_t *data = pl->ip + hdr_len;
+    for (Py_ssize_t i = 0; i < pl->count; i++) {
+        Py_ssize_t seg_len = i < pl->count - 1 ? hdr_len + pl->gso_size : pl->last_len;
+        uint8_t *out = outs[i];
+        memmove(out, pl->template, (size_t)hdr_len);
+        memmove(out + hdr_len, data, (size_t)(seg_len - hdr_len));
+        data += pl->gso_size;
+        if (pl->is_v4) {
+            uint32_t seg_id = (uint32_t)(pl->first_id + i) & 0xFFFF;
+            put16(out + 2, (uint32_t)seg_len);
+            put16(out + 4, seg_id);
+            put16(out + 10,
+                  ~fold64((uint64_t)pl->ip_base_sum + (uint64_t)seg_len + seg_id) & 0xFFFF);
+        }
+        else {
+            put16(out + 4, (uint32_t)(seg_len - IP6_HDR_LEN));
+        }
+        uint64_t l4_len = (uint64_t)(seg_len - iph_len);
+        uint32_t value;
+        if (pl->is_tcp) {
+            put32(out + iph_len + 4, pl->first_seq + (uint32_t)((uint64_t)i * pl->gso_size));
+            uint8_t seg_flags = pl->middle_flags;
+            if (i == 0) {
+                seg_flags |= pl->flags & TCP_FIRST_ONLY;
+            }
+            if (i == pl->count - 1) {
+                seg_flags |= pl->flags & TCP_LAST_ONLY;
+            }
+            out[iph_len + 13] = seg_flags;
+            value = ~ones_sum_raw(out + iph_len, (size_t)l4_len, pl->addr_sum + l4_len) & 0xFFFF;
+        }
+        else {
+            put16(out + iph_len + 4, (uint32_t)l4_len);
+            value = ~ones_sum_raw(out + iph_len, (size_t)l4_len, pl->addr_sum + l4_len) & 0xFFFF;
+            if (value == 0) {
+                value = 0xFFFF; /* RFC 768: 0 would mean "no checksum" */
+            }
+        }
+        put16(out + pl->csum_at, value);
+        lens[i] = seg_len;
+    }
+}
+
+/* split._split_gso: a TCP (TSO) or UDP (USO) super-packet into segments. */
+static PyObject *
+split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *ip,
+          Py_ssize_t ip_len, PyObject *out_bufs, PyObject *sizes, Py_ssize_t offset)
+{
+    plan_t pl;
+    pl.ip = ip;
+    pl.is_tcp = proto == IPPROTO_TCP_;
+    if (ip_len < IP4_MIN_HDR_LEN) {
+        PyErr_Format(st->malformed, "super-packet of %zd bytes is shorter than an IP header",
+                     ip_len);
+        return NULL;
+    }
+    int version = ip[0] >> 4;
+    Py_ssize_t addrs_at, addrs_len;
+    if (version == 4) {
+        if (gso_type == GSO_TCPV6) {
+            PyErr_Format(st->malformed, "gso_type 0x%x (TCPv6) on an IPv4 packet",
+                         (unsigned int)h->gso_type);
+            return NULL;
+        }
+        pl.iph_len = (ip[0] & 0x0F) * 4;
+        if (pl.iph_len < IP4_MIN_HDR_LEN) {
+            PyErr_Format(st->malformed, "IPv4 header length %zd is below %d", pl.iph_len,
+                         IP4_MIN_HDR_LEN);
+            return NULL;
+        }
+        if (ip[9] != proto) {
+            PyErr_Format(st->malformed, "IPv4 protocol %d in a GSO packet of protocol %d",
+                         (int)ip[9], proto);
+            return NULL;
+        }
+        addrs_at = 12;
+        addrs_len = 8;
+        pl.is_v4 = 1;
+    }
+    else if (version == 6) {
+        if (gso_type == GSO_TCPV4) {
+            PyErr_Format(st->malformed, "gso_type 0x%x (TCPv4) on an IPv6 packet",
+                         (unsigned int)h->gso_type);
+            return NULL;
+        }
+        if (ip_len < IP6_HDR_LEN) {
+            PyErr_Format(st->malformed,
+                         "IPv6 super-packet of %zd bytes is shorter than its header", ip_len);
+            return NULL;
+        }
+        if (ip[6] != proto) {
+            PyErr_Format(st->malformed, "IPv6 next header %d in a GSO packet of protocol %d",
+                         (int)ip[6], proto);
+            return NULL;
+        }
+        pl.iph_len = IP6_HDR_LEN;
+        addrs_at = 8;
+        addrs_len = 32;
+        pl.is_v4 = 0;
+    }
+    else {
+        PyErr_Format(st->malformed, "IP version %d in a GSO packet", version);
+        return NULL;
+    }
+    if (h->flags & F_NEEDS_CSUM) {
+        int csum_field = pl.is_tcp ? 16 : 6;
+        if (h->csum_start != pl.iph_len || h->csum_offset != csum_field) {
+            PyErr_Format(st->malformed,
+                         "csum_start %d/csum_offset %d do not match the IP header length %zd "
+                         "and checksum field %d",
+                         (int)h->csum_start, (int)h->csum_offset, pl.iph_len, csum_field);
+            return NULL;
+        }
+    }
+    Py_ssize_t l4_hdr_len;
+    if (pl.is_tcp) {
+        if (ip_len < pl.iph_len + TCP_MIN_HDR_LEN) {
+            PyErr_Format(st->malformed,
+                         "super-packet of %zd bytes is shorter than its TCP header", ip_len);
+            return NULL;
+        }
+        l4_hdr_len = (ip[pl.iph_len + 12] >> 4) * 4;
+        if (l4_hdr_len < TCP_MIN_HDR_LEN) {
+            PyErr_Format(st->malformed, "TCP data offset %zd is below %d", l4_hdr_len,
+                         TCP_MIN_HDR_LEN);
+            return NULL;
+        }
+        pl.csum_at = pl.iph_len + 16;
+    }
+    else {
+        l4_hdr_len = UDP_HDR_LEN;
+        pl.csum_at = pl.iph_len + 6;
+    }
+    pl.hdr_len = pl.iph_len + l4_hdr_len;
+    if (ip_len < pl.hdr_len) {
+        PyErr_Format(st->malformed,
+                     "super-packet of %zd bytes is shorter than its headers (%zd)", ip_len,
+                     pl.hdr_len);
+        return NULL;
+    }
+    pl.gso_size = h->gso_size;
+    if (pl.gso_size == 0) {
+        PyErr_SetString(st->malformed, "gso_size 0 in a GSO packet");
+        return NULL;
+    }
+    if (pl.hdr_len + pl.gso_size > IP_MAX_PACKET_LEN) {
+        PyErr_Format(st->malformed, "segments of %zd + %zd bytes exceed %d", pl.hdr_len,
+                     pl.gso_size, IP_MAX_PACKET_LEN);
+        return NULL;
+    }
+    Py_ssize_t payload_len = ip_len - pl.hdr_len;
+    pl.count = (payload_len + pl.gso_size - 1) / pl.gso_size;
+    if (pl.count < 1) {
+        pl.count = 1; /* a GSO packet without payload: one header-only segment */
+    }
+    Py_ssize_t n_bufs = PyObject_Length(out_bufs);
+    if (n_bufs < 0) {
+        return NULL;
+    }
+    Py_ssize_t n_sizes = PyObject_Length(sizes);
+    if (n_sizes < 0) {
+        return NULL;
+    }
+    Py_ssize_t have = n_bufs < n_sizes ? n_bufs : n_sizes;
+    if (pl.count > have) {
+        PyErr_Format(st->too_many, "super-packet of %zd segments does not fit %zd buffers",
+                     pl.count, have);
+        return NULL;
+    }
+    pl.last_len = pl.hdr_len + payload_len - (pl.count - 1) * pl.gso_size;
+
+    /* One allocation: views, starts, out pointers, lengths. */
+    size_t each = sizeof(Py_buffer) + sizeof(Py_ssize_t) * 2 + sizeof(uint8_t *);
+    char *mem = PyMem_Malloc(each * (size_t)pl.count);
+    if (mem == NULL) {
+        return PyErr_NoMemory();
+    }
+    Py_buffer *views = (Py_buffer *)mem;
+    Py_ssize_t *starts = (Py_ssize_t *)(views + pl.count);
+    Py_ssize_t *lens = starts + pl.count;
+    uint8_t **outs = (uint8_t **)(lens + pl.count);
+    Py_ssize_t got = 0;
+    PyObject *result = NULL;
+    if (get_outs(out_bufs, pl.count, offset, views, starts, &got) < 0) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < pl.count; i++) {
+        Py_ssize_t seg_len = i < pl.count - 1 ? pl.hdr_len + pl.gso_size : pl.last_len;
+        Py_ssize_t room = views[i].len - starts[i];
+        if (seg_len > room) {
+            PyErr_Format(st->too_big,
+                         "segment %zd of %zd bytes does not fit a buffer of %zd bytes", i,
+                         seg_len, room);
+            goto done;
+        }
+        outs[i] = (uint8_t *)views[i].buf + starts[i];
+    }
+    if (check_writable(views, pl.count) < 0) {
+        goto done;
+    }
+
+    /* The template: headers of every segment, with the varying fields zero. */
+    memcpy(pl.template, ip, (size_t)pl.hdr_len);
+    put16(pl.template + pl.csum_at, 0);
+    pl.addr_sum = be_sum(ip + addrs_at, (size_t)addrs_len) + (uint32_t)proto;
+    pl.first_id = 0;
+    pl.ip_base_sum = 0;
+    pl.first_seq = 0;
+    pl.flags = pl.middle_flags = 0;
+    if (pl.is_v4) {
+        pl.first_id = get16(pl.template + 4);
+        put16(pl.template + 2, 0);
+        put16(pl.template + 4, 0);
+        put16(pl.template + 10, 0);
+        pl.ip_base_sum = ones_sum_raw(pl.template, (size_t)pl.iph_len, 0);
+    }
+    if (pl.is_tcp) {
+        pl.first_seq = get32(pl.template + pl.iph_len + 4);
+        pl.flags = pl.template[pl.iph_len + 13];
+        pl.middle_flags = pl.flags & (uint8_t) ~(TCP_LAST_ONLY | TCP_FIRST_ONLY);
+    }
+    if (ip_len >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        write_segments(&pl, outs, lens);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        write_segments(&pl, outs, lens);
+    }
+    if (store_sizes(sizes, lens, pl.count) < 0) {
+        goto done;
+    }
+    result = PyLong_FromSsize_t(pl.count);
+done:
+    release_views(views, got);
+    PyMem_Free(mem);
+    return result;
+}
+
+PyDoc_STRVAR(split_doc,
+"split(pkt, out_bufs, sizes, offset)\n--\n\n"
+"Turn one kernel read into finished IP packets; return how many were stored.\n\n"
+"The C twin of tunkit._offload.split.split: same results, same exceptions.");
+
+static PyObject *
+py_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"pkt", "out_bufs", "sizes", "offset"};
+    PyObject *a[4];
+    if (parse_args("split", args, nargs, kwnames, names, 4, 4, a) < 0) {
+        return NULL;
+    }
+    state_t *st = get_state(module);
+    if (st == NULL) {
+        return NULL;
+    }
+    Py_ssize_t offset = PyNumber_AsSsize_t(a[3], NULL); /* clamps, as slicing does */
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer pkt;
+    if (PyObject_GetBuffer(a[0], &pkt, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    const uint8_t *p = pkt.buf;
+    if (pkt.len < VNET_HDR_LEN) {
+        PyErr_Format(st->malformed, "short virtio header: %zd bytes", pkt.len);
+        goto done;
+    }
+    vnet_t h = {p[0], p[1], host16(p + 2), host16(p + 4), host16(p + 6), host16(p + 8)};
+    const uint8_t *ip = p + VNET_HDR_LEN;
+    Py_ssize_t ip_len = pkt.len - VNET_HDR_LEN;
+    int gso_type = h.gso_type & ~GSO_ECN;
+    if (gso_type == GSO_NONE) {
+        result = copy_through(st, &h, ip, ip_len, a[1], a[2], offset);
+    }
+    else if (gso_type == GSO_TCPV4 || gso_type == GSO_TCPV6) {
+        result = split_gso(st, &h, gso_type, IPPROTO_TCP_, ip, ip_len, a[1], a[2], offset);
+    }
+    else if (gso_type == GSO_UDP_L4) {
+        result = split_gso(st, &h, gso_type, IPPROTO_UDP_, ip, ip_len, a[1], a[2], offset);
+    }
+    else {
+        PyErr_Format(st->malformed, "unsupported virtio gso_type 0x%x",
+                     (unsigned int)h.gso_type);
+    }
+done:
+    PyBuffer_Release(&pkt);
+    return result;
+}
+
+/* ------------------------------------------------------------------------ */
+/* coalesce: a batch of packets into kernel writes (coalesce.py)             */
+
+enum { K_NONE = 0, K_KEY = 1, K_CAND = 2 };
+
+typedef struct {
+    uint8_t proto, is_v6;
+    uint8_t ports[4];
+    uint8_t addrs[32];
+} flowkey_t; /* only uint8_t members: no padding, memcmp is exact */
+
+typedef struct {
+    const uint8_t *p;
+    Py_ssize_t n;
+    Py_ssize_t payload_len;
+    int32_t flow; /* index into flows */
+    int32_t next; /* next packet of its group, -1 */
+    uint32_t seq;
+    uint16_t iph_len, hdr_len, ip_id;
+    uint8_t kind, proto, is_v6, df, flags;
+} pkt_t;
+
+typedef struct {
+    Py_ssize_t total_len, gso_size;
+    int32_t head, last, count, max_segments;
+    uint32_t next_seq;
+    uint16_t first_id;
+    int8_t id_step; /* -1 unknown, 1 counting up, 0 fixed (DF) */
+    uint8_t last_flags, closed, validated;
+} group_t;
+
+typedef struct {
+    flowkey_t key;
+    int32_t open; /* the group being built for this flow, -1 */
+} flow_t;
+
+typedef struct {
+    pkt_t *pk;
+    group_t *groups;
+    flow_t *flows;
+    int32_t *table; /* open addressing: flow index or -1 */
+    int32_t *entries; /* >= 0: a group; < 0: ~index of a lone packet */
+    Py_ssize_t n, n_groups, n_flows, n_entries;
+    size_t mask;
+    int tcp, udp;
+} batch_t;
+
+/* coalesce.Coalescer._parse */
+static void
+parse_pkt(pkt_t *k, int tcp, int udp, flowkey_t *key)
+{
+    const uint8_t *p = k->p;
+    Py_ssize_t n = k->n;
+    k->kind = K_NONE;
+    if (n < IP4_MIN_HDR_LEN) {
+        return;
+    }
+    int version = p[0] >> 4;
+    Py_ssize_t iph_len;
+    int mergeable;
+    memset(key, 0, sizeof *key);
+    if (version == 4) {
+        iph_len = (p[0] & 0x0F) * 4;
+        if (iph_len < IP4_MIN_HDR_LEN) {
+            return;
+        }
+        uint16_t frag = get16(p + 6);
+        k->is_v6 = 0;
+        k->df = (frag & IP4_FLAG_DF) != 0;
+        k->ip_id = get16(p + 4);
+        k->proto = p[9];
+        mergeable = iph_len == IP4_MIN_HDR_LEN && get16(p + 2) == n && !(frag & IP4_FRAGMENT);
+        memcpy(key->addrs, p + 12, 8);
+    }
+    else if (version == 6) {
+        if (n < IP6_HDR_LEN) {
+            return;
+        }
+        iph_len = IP6_HDR_LEN;
+        k->is_v6 = 1;
+        k->df = 1;
+        k->ip_id = 0;
+        k->proto = p[6];
+        mergeable = get16(p + 4) == n - IP6_HDR_LEN;
+        memcpy(key->addrs, p + 8, 32);
+    }
+    else {
+        return;
+    }
+    Py_ssize_t l4_min;
+    if (k->proto == IPPROTO_TCP_) {
+        if (!tcp) {
+            return;
+        }
+        l4_min = TCP_MIN_HDR_LEN;
+    }
+    else if (k->proto == IPPROTO_UDP_) {
+        if (!udp) {
+            return;
+        }
+        l4_min = UDP_HDR_LEN;
+    }
+    else {
+        return;
+    }
+    if (n < iph_len + l4_min) {
+        if (n < iph_len + 4) {
+            return;
+        }
+        mergeable = 0; /* _key_only: it closes its flow, nothing more */
+    }
+    key->proto = k->proto;
+    key->is_v6 = k->is_v6;
+    memcpy(key->ports, p + iph_len, 4);
+    k->kind = K_KEY;
+    k->iph_len = (uint16_t)iph_len;
+    if (!mergeable) {
+        return;
+    }
+    const uint8_t *l4 = p + iph_len;
+    if (k->proto == IPPROTO_TCP_) {
+        Py_ssize_t tcph_len = (l4[12] >> 4) * 4;
+        Py_ssize_t hdr_len = iph_len + tcph_len;
+        k->flags = l4[13];
+        if (tcph_len < TCP_MIN_HDR_LEN || n <= hdr_len || (k->flags & TCP_NEVER)) {
+            return;
+        }
+        k->hdr_len = (uint16_t)hdr_len;
+        k->seq = get32(l4 + 4);
+    }
+    else {
+        Py_ssize_t hdr_len = iph_len + UDP_HDR_LEN;
+        /* A zero checksum means "none" (IPv4) or is invalid (IPv6). */
+        if (get16(l4 + 4) != n - iph_len || n <= hdr_len || get16(l4 + 6) == 0) {
+            return;
+        }
+        k->hdr_len = (uint16_t)hdr_len;
+        k->seq = 0;
+        k->flags = 0;
+    }
+    k->payload_len = n - k->hdr_len;
+    k->kind = K_CAND;
+}
+
+/* The sig of coalesce._Candidate: fields equal all along the flow. */
+static int
+same_sig(const pkt_t *a, const pkt_t *b)
+{
+    const uint8_t *p = a->p, *q = b->p;
+    if (a->is_v6) {
+        if (memcmp(p, q, 4) != 0 || p[7] != q[7]) { /* version/class/label, hop limit */
+            return 0;
+        }
+    }
+    else if (p[1] != q[1] || memcmp(p + 6, q + 6, 3) != 0) { /* TOS, flags/frag, TTL */
+        return 0;
+    }
+    if (a->proto != IPPROTO_TCP_) {
+        return 1;
+    }
+    const uint8_t *s = p + a->iph_len, *t = q + b->iph_len;
+    return memcmp(s + 8, t + 8, 5) == 0 /* ack, data offset */
+           && (s[13] & ~(TCP_LAST_ONLY | TCP_FIRST_ONLY)) ==
+                  (t[13] & ~(TCP_LAST_ONLY | TCP_FIRST_ONLY))
+           && memcmp(s + 14, t + 14, 2) == 0    /* window */
+           && memcmp(s + 18, t + 18, 2) == 0    /* urgent pointer */
+           && memcmp(s + 20, t + 20, (size_t)(a->hdr_len - a->iph_len - 20)) == 0; /* options */
+}
+
+/* coalesce._Group.accepts */
+static int
+accepts(group_t *g, const pkt_t *head, const pkt_t *c)
+{
+    if (!same_sig(c, head) || c->payload_len > g->gso_size) {
+        return 0;
+    }
+    if (c->flags & TCP_FIRST_ONLY) {
+        return 0;
+    }
+    if (g->total_len + c->payload_len > IP_MAX_PACKET_LEN) {
+        return 0;
+    }
+    if (g->count >= g->max_segments) {
+        return 0;
+    }
+    if (c->proto == IPPROTO_TCP_ && c->seq != g->next_seq) {
+        return 0;
+    }
+    if (!c->is_v6) {
+        uint16_t counted = (uint16_t)(g->first_id + g->count);
+        if (g->id_step < 0) {
+            if (c->ip_id == counted) {
+                g->id_step = 1;
+            }
+            else if (c->df && c->ip_id == g->first_id) {
+                g->id_step = 0;
+            }
+            else {
+                return 0;
+            }
+        }
+        else if (c->ip_id != (g->id_step ? counted : g->first_id)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* coalesce._valid: the IPv4 header and transport checksums verify. */
+static int
+valid(const pkt_t *k)
+{
+    const uint8_t *p = k->p;
+    uint32_t addrs;
+    if (k->is_v6) {
+        addrs = be_sum(p + 8, 32);
+    }
+    else {
+        if (ones_sum_raw(p, k->iph_len, 0) != 0xFFFF) {
+            return 0;
+        }
+        addrs = be_sum(p + 12, 8);
+    }
+    uint64_t l4_len = (uint64_t)(k->n - k->iph_len);
+    return ones_sum_raw(p + k->iph_len, (size_t)l4_len, (uint64_t)addrs + k->proto + l4_len) ==
+           0xFFFF;
+}
+
+static int32_t
+find_flow(batch_t *b, const flowkey_t *key)
+{
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    const uint8_t *kb = (const uint8_t *)key;
+    for (size_t i = 0; i < sizeof *key; i++) {
+        h = (h ^ kb[i]) * 1099511628211ULL;
+    }
+    size_t slot = (size_t)(h ^ (h >> 29)) & b->mask;
+    for (;;) {
+        int32_t f = b->table[slot];
+        if (f < 0) {
+            f = (int32_t)b->n_flows++;
+            b->flows[f].key = *key;
+            b->flows[f].open = -1;
+            b->table[slot] = f;
+            return f;
+        }
+        if (memcmp(&b->flows[f].key, key, sizeof *key) == 0) {
+            return f;
+        }
+        slot = (slot + 1) & b->mask;
+    }
+}
+
+/* The loop of Coalescer.coalesce, without the Python objects. */
+static void
+plan_batch(batch_t *b)
+{
+    for (Py_ssize_t i = 0; i < b->n; i++) {
+        pkt_t *k = &b->pk[i];
+        flowkey_t key;
+        k->next = -1;
+        parse_pkt(k, b->tcp, b->udp, &key);
+        if (k->kind == K_NONE) {
+            b->entries[b->n_entries++] = ~(int32_t)i;
+            continue;
+        }
+        flow_t *flow = &b->flows[find_flow(b, &key)];
+        if (k->kind == K_KEY) {
+            /* Same flow, but it cannot merge: it closes the open super-packet. */
+            flow->open = -1;
+            b->entries[b->n_entries++] = ~(int32_t)i;
+            continue;
+        }
+        if (flow->open >= 0) {
+            group_t *g = &b->groups[flow->open];
+            const pkt_t *head = &b->pk[g->head];
+            if (accepts(g, head, k)) {
+                if (!g->validated) {
+                    g->validated = (uint8_t)valid(head);
+                }
+                if (g->validated) { /* else the head stays alone; k starts anew */
+                    if (!valid(k)) {
+                        flow->open = -1;
+                        b->entries[b->n_entries++] = ~(int32_t)i;
+                        continue;
+                    }
+                    b->pk[g->last].next = (int32_t)i;
+                    g->last = (int32_t)i;
+                    g->count++;
+                    g->total_len += k->payload_len;
+                    g->next_seq += (uint32_t)k->payload_len;
+                    g->last_flags = k->flags;
+                    if (k->payload_len < g->gso_size || (k->flags & TCP_LAST_ONLY)) {
+                        g->closed = 1;
+                        flow->open = -1;
+                    }
+                    continue;
+                }
+            }
+        }
+        if (k->flags & TCP_LAST_ONLY) {
+            /* A first packet with PSH or FIN ends its super-packet at once. */
+            flow->open = -1;
+            b->entries[b->n_entries++] = ~(int32_t)i;
+            continue;
+        }
+        int32_t gi = (int32_t)b->n_groups++;
+        group_t *g = &b->groups[gi];
+        g->head = g->last = (int32_t)i;
+        g->count = 1;
+        g->gso_size = k->payload_len;
+        g->total_len = k->n;
+        g->next_seq = k->seq + (uint32_t)k->payload_len;
+        g->first_id = k->ip_id;
+        g->id_step = -1;
+        g->last_flags = k->flags;
+        g->max_segments = k->proto == IPPROTO_UDP_ ? MAX_UDP_SEGMENTS : MAX_TCP_SEGMENTS;
+        g->closed = 0;
+        g->validated = 0;
+        flow->open = gi;
+        b->entries[b->n_entries++] = gi;
+    }
+}
+
+/* coalesce._patch: the virtio header and the patched headers of a group. */
+static void
+patch_group(const batch_t *b, const group_t *g, uint8_t *slot)
+{
+    const pkt_t *head = &b->pk[g->head];
+    Py_ssize_t iph_len = head->iph_len, hdr_len = head->hdr_len;
+    uint8_t *vnet = slot, *hdrs = slot + VNET_HDR_LEN;
+    memcpy(hdrs, head->p, (size_t)hdr_len);
+    uint32_t total_len = (uint32_t)g->total_len;
+    uint32_t l4_len = total_len - (uint32_t)iph_len;
+    uint32_t addrs;
+    if (head->is_v6) {
+        put16(hdrs + 4, l4_len);
+        addrs = be_sum(head->p + 8, 32);
+    }
+    else {
+        /* The head's header checksum was verified: update it (RFC 1624). */
+        put16(hdrs + 2, total_len);
+        put16(hdrs + 10, update16_raw(get16(head->p + 10), (uint32_t)head->n, total_len));
+        addrs = be_sum(head->p + 12, 8);
+    }
+    /* CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum. */
+    uint32_t partial = fold64((uint64_t)addrs + head->proto + l4_len);
+    uint8_t gso_type;
+    uint16_t csum_offset;
+    if (head->proto == IPPROTO_TCP_) {
+        uint8_t flags = head->flags | (g->last_flags & TCP_LAST_ONLY);
+        hdrs[iph_len + 13] = flags;
+        put16(hdrs + iph_len + 16, partial);
+        gso_type = head->is_v6 ? GSO_TCPV6 : GSO_TCPV4;
+        if (flags & TCP_CWR) {
+            gso_type |= GSO_ECN;
+        }
+        csum_offset = 16;
+    }
+    else {
+        put16(hdrs + iph_len + 4, l4_len);
+        put16(hdrs + iph_len + 6, partial);
+        gso_type = GSO_UDP_L4;
+        csum_offset = 6;
+    }
+    vnet[0] = F_NEEDS_CSUM;
+    vnet[1] = gso_type;
+    put_host16(vnet + 2, (uint16_t)hdr_len);
+    put_host16(vnet + 4, (uint16_t)g->gso_size);
+    put_host16(vnet + 6, (uint16_t)iph_len);
+    put_host16(vnet + 8, csum_offset);
+}
+
+/* A Write (a NamedTuple: a tuple subclass without slots) built as
+ * tuple.__new__ would, without calling the class's Python __new__. */
+static PyObject *
+new_write(state_t *st, PyObject *iov, PyObject *packets, Py_ssize_t first, int gso,
+          Py_ssize_t prefix)
+{
+    PyTypeObject *tp = (PyTypeObject *)st->write_cls;
+    PyObject *first_o = PyLong_FromSsize_t(first);
+    PyObject *prefix_o = PyLong_FromSsize_t(prefix);
+    PyObject *w = (first_o && prefix_o) ? tp->tp_alloc(tp, 5) : NULL;
+    if (w == NULL) {
+        Py_XDECREF(first_o);
+        Py_XDECREF(prefix_o);
+        Py_DECREF(iov);
+        Py_DECREF(packets);
+        return NULL;
+    }
+    PyObject *gso_o = gso ? Py_True : Py_False;
+    Py_INCREF(gso_o);
+    PyTuple_SET_ITEM(w, 0, iov);
+    PyTuple_SET_ITEM(w, 1, packets);
+    PyTuple_SET_ITEM(w, 2, first_o);
+    PyTuple_SET_ITEM(w, 3, gso_o);
+    PyTuple_SET_ITEM(w, 4, prefix_o);
+    return w;
+}
+
+/* A byte view of buf from offset on, as coalesce() slices it. */
+static PyObject *
+packet_view(PyObject *buf, PyObject *offset_slice)
+{
+    PyObject *view;
+    if (PyMemoryView_Check(buf)) {
+        view = buf;
+        Py_INCREF(view);
+    }
+    else {
+        view = PyMemoryView_FromObject(buf);
+        if (view == NULL) {
+            return NULL;
+        }
+    }
+    Py_buffer *vb = PyMemoryView_GET_BUFFER(view);
+    if (vb->ndim != 1 || vb->format == NULL || strcmp(vb->format, "B") != 0) {
+        PyObject *cast = PyObject_CallMethod(view, "cast", "s", "B");
+        Py_DECREF(view);
+        if (cast == NULL) {
+            return NULL;
+        }
+        view = cast;
+    }
+    PyObject *pkt = PyObject_GetItem(view, offset_slice);
+    Py_DECREF(view);
+    if (pkt == NULL) {
+        return NULL;
+    }
+    if (!PyBuffer_IsContiguous(PyMemoryView_GET_BUFFER(pkt), 'C')) {
+        Py_DECREF(pkt);
+        PyErr_SetString(PyExc_BufferError, "coalesce: packets must be contiguous buffers");
+        return NULL;
+    }
+    return pkt;
+}
+
+static PyObject *
+slice_from(Py_ssize_t start)
+{
+    PyObject *s = PyLong_FromSsize_t(start);
+    if (s == NULL) {
+        return NULL;
+    }
+    PyObject *slice = PySlice_New(s, Py_None, Py_None);
+    Py_DECREF(s);
+    return slice;
+}
+
+/* The writes of the planned batch (Coalescer._writes). */
+static PyObject *
+build_writes(state_t *st, batch_t *b, PyObject **views)
+{
+    Py_ssize_t n_gso = 0;
+    for (Py_ssize_t e = 0; e < b->n_entries; e++) {
+        if (b->entries[e] >= 0 && b->groups[b->entries[e]].count > 1) {
+            n_gso++;
+        }
+    }
+    PyObject *writes = PyList_New(b->n_entries);
+    uint8_t *sent = PyMem_Calloc((size_t)b->n + 1, 1);
+    PyObject *scratch = NULL, *scratch_view = NULL;
+    if (writes == NULL || sent == NULL) {
+        goto fail;
+    }
+    if (n_gso > 0) {
+        /* A new buffer per call: views handed out earlier stay valid. */
+        scratch = PyByteArray_FromStringAndSize(NULL, n_gso * SLOT_LEN);
+        if (scratch == NULL) {
+            goto fail;
+        }
+        memset(PyByteArray_AS_STRING(scratch), 0, (size_t)(n_gso * SLOT_LEN));
+        scratch_view = PyMemoryView_FromObject(scratch);
+        if (scratch_view == NULL) {
+            goto fail;
+        }
+    }
+    Py_ssize_t prefix = 0, slot = 0;
+    for (Py_ssize_t e = 0; e < b->n_entries; e++) {
+        int32_t entry = b->entries[e];
+        PyObject *iov, *packets;
+        Py_ssize_t first;
+        int gso = 0;
+        if (entry < 0 || b->groups[entry].count == 1) {
+            first = entry < 0 ? ~entry : b->groups[entry].head;
+            PyObject *pkt = views[first];
+            iov = PyList_New(2);
+            packets = PyList_New(1);
+            if (iov == NULL || packets == NULL) {
+                Py_XDECREF(iov);
+                Py_XDECREF(packets);
+                goto fail;
+            }
+            Py_INCREF(st->zero_hdr);
+            PyList_SET_ITEM(iov, 0, st->zero_hdr);
+            Py_INCREF(pkt);
+            PyList_SET_ITEM(iov, 1, pkt);
+            Py_INCREF(pkt);
+            PyList_SET_ITEM(packets, 0, pkt);
+            sent[first] = 1;
+        }
+        else {
+            const group_t *g = &b->groups[entry];
+            const pkt_t *head = &b->pk[g->head];
+            first = g->head;
+            gso = 1;
+            uint8_t *slot_mem = (uint8_t *)PyByteArray_AS_STRING(scratch) + slot * SLOT_LEN;
+            patch_group(b, g, slot_mem);
+            iov = PyList_New(2 + g->count);
+            packets = PyList_New(g->count);
+            PyObject *payload_slice = slice_from(head->hdr_len);
+            PyObject *vnet = NULL, *hdrs = NULL;
+            if (iov && packets && payload_slice) {
+                vnet = PySequence_GetSlice(scratch_view, slot * SLOT_LEN,
+                                           slot * SLOT_LEN + VNET_HDR_LEN);
+                hdrs = vnet ? PySequence_GetSlice(scratch_view, slot * SLOT_LEN + VNET_HDR_LEN,
+                                                  slot * SLOT_LEN + VNET_HDR_LEN + head->hdr_len)
+                            : NULL;
+            }
+            if (hdrs == NULL) {
+                Py_XDECREF(vnet);
+                Py_XDECREF(payload_slice);
+                Py_XDECREF(iov);
+                Py_XDECREF(packets);
+                goto fail;
+            }
+            slot++;
+            PyList_SET_ITEM(iov, 0, vnet);
+            PyList_SET_ITEM(iov, 1, hdrs);
+            Py_ssize_t j = 0;
+            for (int32_t i = g->head; i >= 0; i = b->pk[i].next, j++) {
+                PyObject *payload = PyObject_GetItem(views[i], payload_slice);
+                if (payload == NULL) {
+                    Py_DECREF(payload_slice);
+                    Py_DECREF(iov); /* the unset items are NULL: safe */
+                    Py_DECREF(packets);
+                    goto fail;
+                }
+                PyList_SET_ITEM(iov, 2 + j, payload);
+                Py_INCREF(views[i]);
+                PyList_SET_ITEM(packets, j, views[i]);
+                sent[i] = 1;
+            }
+            Py_DECREF(payload_slice);
+        }
+        while (prefix < b->n && sent[prefix]) {
+            prefix++;
+        }
+        PyObject *w = new_write(st, iov, packets, first, gso, prefix);
+        if (w == NULL) {
+            goto fail;
+        }
+        PyList_SET_ITEM(writes, e, w);
+    }
+    Py_XDECREF(scratch_view);
+    Py_XDECREF(scratch);
+    PyMem_Free(sent);
+    return writes;
+fail:
+    Py_XDECREF(scratch_view);
+    Py_XDECREF(scratch);
+    PyMem_Free(sent);
+    Py_XDECREF(writes);
+    return NULL;
+}
+
+PyDoc_STRVAR(coalesce_doc,
+"coalesce(bufs, offset, tcp, udp)\n--\n\n"
+"Plan the kernel writes that send bufs[i][offset:] for every i.\n\n"
+"The C twin of tunkit._offload.coalesce.Coalescer.coalesce: the same writes\n"
+"(Write tuples of memoryviews); the patched headers live in a bytearray\n"
+"made for each call.");
+
+static PyObject *
+py_coalesce(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"bufs", "offset", "tcp", "udp"};
+    PyObject *a[4];
+    if (parse_args("coalesce", args, nargs, kwnames, names, 4, 4, a) < 0) {
+        return NULL;
+    }
+    state_t *st = get_state(module);
+    if (st == NULL) {
+        return NULL;
+    }
+    batch_t b;
+    memset(&b, 0, sizeof b);
+    b.tcp = PyObject_IsTrue(a[2]);
+    b.udp = PyObject_IsTrue(a[3]);
+    if (b.tcp < 0 || b.udp < 0) {
+        return NULL;
+    }
+    PyObject *offset_slice = PySlice_New(a[1], Py_None, Py_None);
+    if (offset_slice == NULL) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(a[0], "coalesce() needs a sequence of buffers");
+    if (seq == NULL) {
+        Py_DECREF(offset_slice);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > INT32_MAX / 4) {
+        Py_DECREF(seq);
+        Py_DECREF(offset_slice);
+        PyErr_SetString(PyExc_OverflowError, "coalesce: batch too large");
+        return NULL;
+    }
+    size_t cap = 16;
+    while (cap < (size_t)n * 2) {
+        cap <<= 1;
+    }
+    b.n = n;
+    b.mask = cap - 1;
+    PyObject *result = NULL;
+    PyObject **views = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
+    b.pk = PyMem_Calloc((size_t)n + 1, sizeof(pkt_t));
+    b.groups = PyMem_Calloc((size_t)n + 1, sizeof(group_t));
+    b.flows = PyMem_Calloc((size_t)n + 1, sizeof(flow_t));
+    b.entries = PyMem_Calloc((size_t)n + 1, sizeof(int32_t));
+    b.table = PyMem_Malloc(cap * sizeof(int32_t));
+    if (!views || !b.pk || !b.groups || !b.flows || !b.entries || !b.table) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memset(b.table, 0xFF, cap * sizeof(int32_t)); /* all -1 */
+    Py_ssize_t total = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        views[i] = packet_view(items[i], offset_slice);
+        if (views[i] == NULL) {
+            goto done;
+        }
+        Py_buffer *vb = PyMemoryView_GET_BUFFER(views[i]);
+        b.pk[i].p = vb->buf;
+        b.pk[i].n = vb->len;
+        total += vb->len;
+    }
+    /* The memoryviews hold exports of the caller's buffers: none can be
+     * resized or freed while the GIL is released. */
+    if (total >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        plan_batch(&b);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        plan_batch(&b);
+    }
+    result = build_writes(st, &b, views);
+done:
+    if (views != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_XDECREF(views[i]);
+        }
+    }
+    PyMem_Free(views);
+    PyMem_Free(b.pk);
+    PyMem_Free(b.groups);
+    PyMem_Free(b.flows);
+    PyMem_Free(b.entries);
+    PyMem_Free(b.table);
+    Py_DECREF(seq);
+    Py_DECREF(offset_slice);
+    return result;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Module                                                                    */
+
+PyDoc_STRVAR(bind_doc,
+"bind(malformed, too_big, too_many, write_cls, zero_hdr)\n--\n\n"
+"Give the kernels the Python classes they raise and build (tunkit._offload does).");
+
+static PyObject *
+py_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "bind() takes 5 arguments");
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++) {
+        if (!PyExceptionClass_Check(args[i])) {
+            PyErr_SetString(PyExc_TypeError, "bind(): the first three must be exception classes");
+            return NULL;
+        }
+    }
+    /* new_write fills the tuple's items itself: a tuple subclass of 5
+     * fields whose instances have no other storage (a NamedTuple). */
+    PyObject *fields = PyType_Check(args[3]) ? PyObject_GetAttrString(args[3], "_fields") : NULL;
+    Py_ssize_t n_fields = fields ? PyObject_Length(fields) : -1;
+    Py_XDECREF(fields);
+    if (n_fields != 5 || !PyType_IsSubtype((PyTypeObject *)args[3], &PyTuple_Type) ||
+        ((PyTypeObject *)args[3])->tp_basicsize != PyTuple_Type.tp_basicsize) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_TypeError, "bind(): write_cls must be a NamedTuple of 5 fields");
+        return NULL;
+    }
+    state_t *st = (state_t *)PyModule_GetState(module);
+    PyObject **slots[] = {&st->malformed, &st->too_big, &st->too_many, &st->write_cls,
+                          &st->zero_hdr};
+    for (int i = 0; i < 5; i++) {
+        Py_INCREF(args[i]);
+        Py_XSETREF(*slots[i], args[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"ones_sum", (PyCFunction)(void (*)(void))py_ones_sum, METH_FASTCALL | METH_KEYWORDS,
+     ones_sum_doc},
+    {"checksum", (PyCFunction)(void (*)(void))py_checksum, METH_FASTCALL | METH_KEYWORDS,
+     checksum_doc},
+    {"pseudo_sum", (PyCFunction)(void (*)(void))py_pseudo_sum, METH_FASTCALL | METH_KEYWORDS,
+     pseudo_sum_doc},
+    {"update16", (PyCFunction)(void (*)(void))py_update16, METH_FASTCALL | METH_KEYWORDS,
+     update16_doc},
+    {"split", (PyCFunction)(void (*)(void))py_split, METH_FASTCALL | METH_KEYWORDS, split_doc},
+    {"coalesce", (PyCFunction)(void (*)(void))py_coalesce, METH_FASTCALL | METH_KEYWORDS,
+     coalesce_doc},
+    {"bind", (PyCFunction)(void (*)(void))py_bind, METH_FASTCALL, bind_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+mod_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    state_t *st = (state_t *)PyModule_GetState(m);
+    Py_VISIT(st->malformed);
+    Py_VISIT(st->too_big);
+    Py_VISIT(st->too_many);
+    Py_VISIT(st->write_cls);
+    Py_VISIT(st->zero_hdr);
+    return 0;
+}
+
+static int
+mod_clear(PyObject *m)
+{
+    state_t *st = (state_t *)PyModule_GetState(m);
+    Py_CLEAR(st->malformed);
+    Py_CLEAR(st->too_big);
+    Py_CLEAR(st->too_many);
+    Py_CLEAR(st->write_cls);
+    Py_CLEAR(st->zero_hdr);
+    return 0;
+}
+
+static void
+mod_free(void *m)
+{
+    mod_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot slots[] = {
+    {0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT,
+    "tunkit._speedups",
+    "Native kernels of tunkit's offload engine: checksum, split, coalesce.",
+    sizeof(state_t),
+    methods,
+    slots,
+    mod_traverse,
+    mod_clear,
+    mod_free,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModuleDef_Init(&moduledef);
+}
