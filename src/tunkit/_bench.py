@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -74,11 +73,9 @@ def preflight() -> None:
     from ._demo_native import preflight as demo_preflight
 
     try:
-        demo_preflight()
+        demo_preflight((("ip", "iproute2"), ("ping", "iputils-ping"), ("iperf3", "iperf3")))
     except DemoUnavailable as exc:
         raise BenchUnavailable(str(exc).replace("real-device demo", "benchmark")) from None
-    if shutil.which("iperf3") is None:
-        raise BenchUnavailable("'iperf3' is missing (Debian package: iperf3)")
 
 
 def _ip(*args: str) -> None:

@@ -121,8 +121,14 @@ def _missing_capabilities() -> list[str]:
     ]
 
 
-def preflight() -> None:
-    """Check that the real demo can run here.
+# The programs the demo runs, with the Debian package that has each.
+DEMO_TOOLS: Final = (("ip", "iproute2"), ("ping", "iputils-ping"))
+
+
+def preflight(tools: tuple[tuple[str, str], ...] = DEMO_TOOLS) -> None:
+    """Check that the real demo (or a command needing the same) can run here.
+
+    *tools* are the programs it will run, each with its Debian package.
 
     Raises:
         DemoUnavailable: with one line naming what is missing.
@@ -134,7 +140,7 @@ def preflight() -> None:
         )
     if not os.path.exists("/dev/net/tun"):
         raise DemoUnavailable("/dev/net/tun is missing (try: modprobe tun)")
-    for tool, package in (("ip", "iproute2"), ("ping", "iputils-ping")):
+    for tool, package in tools:
         if shutil.which(tool) is None:
             raise DemoUnavailable(f"'{tool}' is missing (Debian package: {package})")
 
