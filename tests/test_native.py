@@ -20,9 +20,17 @@ import pytest
 from conformance import Harness, TunConformance
 from netns_util import NativeHarness, netns_factory, ns_run, root  # noqa: F401
 
-from tunkit import ClosedError, Event, OffsetError, Tun
+from tunkit import ClosedError, Event, GsoTun, OffsetError, Tun
 from tunkit._linux import netns as tk_netns
-from tunkit._linux.constants import IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TUNSETIFF
+from tunkit._linux.constants import (
+    IFF_NO_PI,
+    IFF_TUN,
+    IFF_VNET_HDR,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUNSETIFF,
+)
 from tunkit._linux.device import NativeTun, TunStats, check_name, create_tun, open_tun
 
 pytestmark = pytest.mark.timeout(60)
@@ -93,9 +101,13 @@ def test_create_in_namespace(netns_factory: MakeNs) -> None:
     with create_tun("tkdev0", mtu=1400, netns=ns) as tun:
         assert os.readlink("/proc/thread-self/ns/net") == own_before
         assert isinstance(tun, Tun) and isinstance(tun, NativeTun)
+        assert isinstance(tun, GsoTun)  # offload is the default
+        assert tun.offload and tun.batch_size() == 128
+        assert tun.offload_flags & (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) == (
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        )
         assert tun.name() == "tkdev0"
         assert tun.mtu() == 1400
-        assert tun.batch_size() == 1
         assert tun.mwo() == tun.mro() == 16
         assert tun.fileno() >= 0
         out = ns_run(ns, "ip", "-o", "link", "show", "tkdev0").stdout
@@ -105,6 +117,15 @@ def test_create_in_namespace(netns_factory: MakeNs) -> None:
         assert repr(tun).startswith("<NativeTun tkdev0") and "[closed]" not in repr(tun)
     assert "[closed]" in repr(tun)
     assert "tkdev0" not in ns_run(ns, "ip", "-o", "link").stdout  # gone with the descriptor
+
+
+def test_without_offload_the_device_is_no_gso_tun(netns_factory: MakeNs) -> None:
+    with create_tun(netns=netns_factory("plain"), offload=False) as tun:
+        assert isinstance(tun, Tun) and isinstance(tun, NativeTun)
+        assert not isinstance(tun, GsoTun)
+        assert not hasattr(tun, "read_gso") and not hasattr(tun, "write_gso")
+        assert not tun.offload and tun.offload_flags == 0 and tun.batch_size() == 1
+        assert tun.mwo() == tun.mro() == 16
 
 
 def test_kernel_chooses_the_name(netns_factory: MakeNs) -> None:
@@ -146,7 +167,7 @@ def test_configuration_over_netlink(netns_factory: MakeNs) -> None:
 
 
 def test_read_and_write_argument_checks(netns_factory: MakeNs) -> None:
-    with create_tun(netns=netns_factory("args")) as tun:
+    with create_tun(netns=netns_factory("args"), offload=False) as tun:
         with pytest.raises(OffsetError, match="below mro"):
             tun.read([bytearray(2000)], [0], 15)
         with pytest.raises(OffsetError, match="below mwo"):

@@ -68,10 +68,11 @@ def _race_round(tun: NativeTun, pkt: bytes, delay: float) -> None:
             errors.append(exc)
 
     def reader() -> None:
-        buf, sizes = bytearray(16 + 1500), [0]
+        bufs = [bytearray(16 + 1500) for _ in range(tun.batch_size())]
+        sizes = [0] * len(bufs)
         try:
             while True:
-                tun.read([buf], sizes, 16)
+                tun.read(bufs, sizes, 16)
         except BaseException as exc:
             errors.append(exc)
 
@@ -102,14 +103,15 @@ def _race_round(tun: NativeTun, pkt: bytes, delay: float) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_reads_and_writes_racing_close(netns_factory: MakeNs) -> None:
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
+def test_reads_and_writes_racing_close(netns_factory: MakeNs, offload: bool) -> None:
     """Each call completes or raises ClosedError, none hangs, none reaches a reused number."""
     h = NativeHarness(netns_factory("race"))
     h.close()  # only its namespace is wanted; each round makes its own device
     rng = random.Random(7)
     pkt = bytes(16) + h.packet(1, 200)
     for _round in range(40):
-        tun = create_tun(netns=h.ns)
+        tun = create_tun(netns=h.ns, offload=offload)
         tun.add_address(f"{h.LOCAL}/24")
         tun.up()
         _race_round(tun, pkt, rng.uniform(0, 0.01))

@@ -13,30 +13,40 @@ import threading
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Final, final
 
-from .._errors import ClosedError, OffsetError
+# The offload engine, imported from the package so that its dispatch (a C
+# extension where one is built) applies here too.
+from .._errors import ClosedError, OffsetError, TooManySegmentsError
 from .._events import Event, Events
+from .._offload import Coalescer, _Malformed, _TooBig, split
 from . import netlink
 from .constants import (
     IFF_NO_PI,
     IFF_TUN,
     IFF_VNET_HDR,
     IFNAMSIZ,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_USO4,
+    TUN_F_USO6,
     TUNGETIFF,
     TUNSETIFF,
     TUNSETOFFLOAD,
     TUNSETVNETHDRSZ,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
     VIRTIO_NET_HDR_LEN,
 )
 from .fd import _Descriptor
 from .netns import inside as netns_inside
 from .netns import open_netns
+from .vnet import VNET_HDR, gso_segments
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-__all__ = ["NativeTun", "TunStats", "create_tun", "open_tun"]
+__all__ = ["GsoNativeTun", "NativeTun", "TunStats", "create_tun", "open_tun"]
 
 TUN_PATH: Final = "/dev/net/tun"
 
@@ -52,9 +62,16 @@ _MAX_KERNEL_PACKET: Final = VIRTIO_NET_HDR_LEN + 65535
 # struct ifreq, <linux/if.h>: ifr_name[IFNAMSIZ], then a union of which the
 # TUN ioctls use ifr_flags (short); 40 bytes in all on every Linux ABI.
 _IFREQ: Final = struct.Struct(f"={IFNAMSIZ}sH22x")
-# struct virtio_net_hdr, <linux/virtio_net.h>, host byte order on a TUN device.
-_VNET_HDR: Final = struct.Struct("=BBHHHH")
-_ZERO_VNET_HDR: Final = bytes(VIRTIO_NET_HDR_LEN)
+# What an offload device asks the kernel for (TUNSETOFFLOAD): partial
+# checksums and TCP segmentation always, UDP segmentation where accepted.
+_OFFLOAD_BASE: Final = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+_OFFLOAD_USO: Final = TUN_F_USO4 | TUN_F_USO6
+# A read that found nothing (EAGAIN) costs an exception, about a microsecond
+# in CPython, three times a poll() that finds the device readable: after one,
+# the next reads wait in poll() first, until this many have gone by.
+_WAIT_FIRST_READS: Final = 8
+_readv: Final = os.readv  # bound once: the plain read and write run per packet
+_write: Final = os.write
 # What the kernel says when it refuses one written packet: EIO while the link
 # is down, EINVAL for bytes that are not an IPv4 or IPv6 packet.
 _DROPPED_ON_WRITE: Final = frozenset({errno.EIO, errno.EINVAL})
@@ -77,6 +94,9 @@ class TunStats:
     dropped_malformed: int = 0
     dropped_too_big: int = 0
     dropped_write: int = 0  # written packets the kernel refused (link down, not IP)
+    gro_refused: int = 0  # super-packets the kernel refused (EINVAL), sent split instead
+    gso_read: int = 0  # super-packets read whole (read_gso)
+    gso_written: int = 0  # super-packets written whole (write_gso)
 
 
 def check_name(name: str) -> None:
@@ -173,14 +193,32 @@ def _get_iff(fd: int) -> tuple[str, int]:
     return str(raw_name.split(b"\0", 1)[0].decode()), int(flags)
 
 
-def _enable_vnet(fd: int) -> None:
+def _set_offload(fd: int, flags: int) -> None:
+    # TUNSETOFFLOAD takes the flags by value, not through a pointer.
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
+def _enable_vnet(fd: int) -> int:
+    """Set the virtio header size and ask for the offloads; return the TUN_F_* accepted.
+
+    TSO and checksum offload first with USO (Linux 6.2 and later), then
+    without it; a kernel that refuses even those gets none (whole packets
+    with full checksums only), quietly: offload is a speed-up, not a feature
+    a caller can lose.
+    """
     fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("=i", VIRTIO_NET_HDR_LEN))
-    # No offloads yet: the kernel then hands over only whole packets with full
-    # checksums (GSO_NONE). The offload engine asks for TUN_F_CSUM | TSO | USO.
-    fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+    for flags in (_OFFLOAD_BASE | _OFFLOAD_USO, _OFFLOAD_BASE):
+        try:
+            _set_offload(fd, flags)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            continue
+        return flags
+    _set_offload(fd, 0)
+    return 0
 
 
-@final
 class NativeTun:
     """A Linux TUN device (``IFF_TUN | IFF_NO_PI``) as a Tun; make one with
     :func:`create_tun` or :func:`open_tun`.
@@ -190,6 +228,10 @@ class NativeTun:
     ``tunkit-events:<name>`` that reads it. One reader thread and one writer
     thread may use it at once; configuration methods may be called from any
     thread. :meth:`close` releases all of it.
+
+    This class moves one packet per system call (no offload). A device with
+    the virtio header is a :class:`GsoNativeTun`, a subclass that adds the
+    offloads and ``read_gso``/``write_gso`` (a :class:`tunkit.GsoTun`).
     """
 
     def __init__(
@@ -198,14 +240,18 @@ class NativeTun:
         name: str,
         *,
         vnet_hdr: bool,
+        offload_flags: int,
         ns_fd: int | None,
         monitor: netlink.LinkMonitor,
     ) -> None:
         """Private: use :func:`create_tun` or :func:`open_tun`. Takes ownership of
         *fd*, *ns_fd* and *monitor*, and starts the monitor's thread."""
         self._fd = _Descriptor(fd, "device")
+        self._read_lock = self._fd.read_lock
+        self._write_lock = self._fd.write_lock
         self._ns_fd = ns_fd  # None: the device lives in this process's namespace
         self._vnet_hdr = vnet_hdr
+        self._offload_flags = offload_flags
         self._batch = BATCH_OFFLOAD if vnet_hdr else 1
         self._monitor = monitor
         state = monitor.state
@@ -219,18 +265,21 @@ class NativeTun:
         self._events = Events(Event.UP if state.up else None)
         self._state_lock = threading.Lock()
         self._closed = False  # guarded by _state_lock
-        # Read side, guarded by the descriptor's read lock.
+        # Read side, guarded by the read lock.
         self._overflow = bytearray(_MAX_KERNEL_PACKET)  # catches too-big packets
-        self._rbuf = bytearray(_MAX_KERNEL_PACKET) if vnet_hdr else bytearray()
+        self._wait_first = 0  # reads left that poll() before trying (see read())
         self._packets_read = 0
         self._bytes_read = 0
         self._dropped_malformed = 0
         self._dropped_too_big = 0
         self._gso_split = 0
-        # Write side, guarded by the descriptor's write lock.
+        self._gso_read = 0
+        # Write side, guarded by the write lock.
         self._packets_written = 0
         self._bytes_written = 0
         self._gro_coalesced = 0
+        self._gro_refused = 0
+        self._gso_written = 0
         self._dropped_write = 0
         monitor.start(self._on_state, self._name)
 
@@ -261,6 +310,16 @@ class NativeTun:
 
     # -- Tun ------------------------------------------------------------------
 
+    def _check_read_args(
+        self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int
+    ) -> None:
+        if offset < HEADROOM:
+            raise OffsetError(f"read offset {offset} is below mro() {HEADROOM}")
+        if len(bufs) < self._batch:
+            raise ValueError(f"read with {len(bufs)} buffers; batch_size() is {self._batch}")
+        if len(sizes) < len(bufs):
+            raise ValueError(f"read with {len(sizes)} sizes for {len(bufs)} buffers")
+
     def read(
         self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int = HEADROOM
     ) -> int:
@@ -275,76 +334,38 @@ class NativeTun:
             ValueError: fewer buffers than ``batch_size()``, or fewer sizes than buffers.
             ClosedError: the device is closed, or closes while the call waits.
         """
-        if offset < HEADROOM:
-            raise OffsetError(f"read offset {offset} is below mro() {HEADROOM}")
-        if len(bufs) < self._batch:
-            raise ValueError(f"read with {len(bufs)} buffers; batch_size() is {self._batch}")
-        if len(sizes) < len(bufs):
-            raise ValueError(f"read with {len(sizes)} sizes for {len(bufs)} buffers")
-        views = [memoryview(b).cast("B") for b in bufs]
-        if len(views[0]) <= offset:
-            raise ValueError(f"buffer of {len(views[0])} bytes has no room after offset {offset}")
-        with self._fd.read_lock:
-            while True:
-                n = (
-                    self._read_vnet(views, sizes, offset)
-                    if self._vnet_hdr
-                    else self._read_plain(views[0], sizes, offset)
-                )
-                if n:
-                    return n
-
-    def _read_plain(self, view: memoryview, sizes: MutableSequence[int], offset: int) -> int:
+        # The hot path of a device without offload: one system call per
+        # packet, so every line here is paid per packet. The checks of
+        # _check_read_args are inlined for a batch of 1.
+        if offset < HEADROOM or not bufs or len(sizes) < len(bufs):
+            self._check_read_args(bufs, sizes, offset)
+        view = memoryview(bufs[0])
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         room = len(view) - offset
-        n = self._fd.readv_locked([view[offset:], self._overflow])
-        if n > room:
-            self._dropped_too_big += 1
-            return 0
+        if room <= 0:
+            raise ValueError(f"buffer of {len(view)} bytes has no room after offset {offset}")
+        iov: list[WriteableBuffer] = [view[offset:], self._overflow]
+        d = self._fd
+        with self._read_lock:
+            if self._wait_first:
+                self._wait_first -= 1
+                d.wait_readable()
+            while True:
+                try:
+                    n = _readv(d.fd, iov)
+                except BlockingIOError:
+                    self._wait_first = _WAIT_FIRST_READS
+                    d.wait_readable()
+                    continue
+                except OSError as exc:
+                    raise d.failure(exc, "read") from None
+                if n <= room:
+                    break
+                self._dropped_too_big += 1
+            self._packets_read += 1
+            self._bytes_read += n
         sizes[0] = n
-        self._packets_read += 1
-        self._bytes_read += n
-        return 1
-
-    def _read_vnet(self, views: list[memoryview], sizes: MutableSequence[int], offset: int) -> int:
-        n = self._fd.readv_locked([self._rbuf])
-        data = memoryview(self._rbuf)[:n]
-        if n < VIRTIO_NET_HDR_LEN:
-            self._dropped_malformed += 1
-            return 0
-        return self._handle_kernel_packet(
-            data[:VIRTIO_NET_HDR_LEN], data[VIRTIO_NET_HDR_LEN:], views, sizes, offset
-        )
-
-    def _handle_kernel_packet(
-        self,
-        hdr: memoryview,
-        pkt: memoryview,
-        views: list[memoryview],
-        sizes: MutableSequence[int],
-        offset: int,
-    ) -> int:
-        """Turn one kernel packet and its virtio header into packets in *views*; return the count.
-
-        The seam for the offload engine: with offloads on, a GSO super-packet
-        is split here into segments and partial checksums are completed. Until
-        then the kernel is asked for no offloads, so every packet is GSO_NONE
-        with a full checksum, and anything else is dropped as malformed.
-        Called with the read lock held.
-        """
-        flags, gso_type, _hdr_len, _gso_size, _csum_start, _csum_offset = _VNET_HDR.unpack_from(
-            hdr, 0
-        )
-        if gso_type != VIRTIO_NET_HDR_GSO_NONE or flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            self._dropped_malformed += 1
-            return 0
-        pkt_len = len(pkt)
-        if pkt_len > len(views[0]) - offset:
-            self._dropped_too_big += 1
-            return 0
-        views[0][offset : offset + pkt_len] = pkt
-        sizes[0] = pkt_len
-        self._packets_read += 1
-        self._bytes_read += pkt_len
         return 1
 
     def write(self, bufs: Sequence[ReadableBuffer], offset: int = HEADROOM) -> int:
@@ -364,37 +385,36 @@ class NativeTun:
         """
         if offset < HEADROOM:
             raise OffsetError(f"write offset {offset} is below mwo() {HEADROOM}")
-        if self._vnet_hdr:
-            iovecs: list[list[ReadableBuffer]] = [
-                [_ZERO_VNET_HDR, memoryview(b).cast("B")[offset:]] for b in bufs
-            ]
-        else:
-            iovecs = [[memoryview(b).cast("B")[offset:]] for b in bufs]
-        with self._fd.write_lock:
-            return self._write_iovecs(iovecs)
-
-    def _write_iovecs(self, iovecs: list[list[ReadableBuffer]]) -> int:
-        """Write each iovec list as one packet; the seam for the coalescing engine.
-
-        Called with the write lock held. With a virtio header, the header is
-        the first 10 bytes of each list.
-        """
-        hdr_len = VIRTIO_NET_HDR_LEN if self._vnet_hdr else 0
-        for i, iov in enumerate(iovecs):
-            try:
-                n = self._fd.writev_locked(iov)
-            except OSError as exc:
-                if exc.errno in _DROPPED_ON_WRITE and not isinstance(exc, ClosedError):
+        d = self._fd
+        done = 0
+        with self._write_lock:
+            for buf in bufs:
+                view = memoryview(buf)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                pkt = view[offset:]
+                while True:
+                    try:
+                        n = _write(d.fd, pkt)
+                        break
+                    except BlockingIOError:
+                        d.wait_writable()  # raises ClosedError once close() began
+                    except OSError as exc:
+                        n = -exc.errno if exc.errno in _DROPPED_ON_WRITE else 0
+                        if n:
+                            break
+                        if done:
+                            return done
+                        raise d.failure(exc, "write") from None
+                done += 1
+                if n < 0:
                     # Lost as on a real link: one bad packet, or a link that is
                     # down for a while, must not stop a forwarder.
                     self._dropped_write += 1
-                    continue
-                if i == 0:
-                    raise
-                return i
-            self._packets_written += 1
-            self._bytes_written += n - hdr_len
-        return len(iovecs)
+                else:
+                    self._packets_written += 1
+                    self._bytes_written += n
+        return done
 
     def mwo(self) -> int:
         """Minimal write offset: 16 bytes of headroom in front of each written packet."""
@@ -439,12 +459,20 @@ class NativeTun:
             dropped_malformed=self._dropped_malformed,
             dropped_too_big=self._dropped_too_big,
             dropped_write=self._dropped_write,
+            gro_refused=self._gro_refused,
+            gso_read=self._gso_read,
+            gso_written=self._gso_written,
         )
 
     @property
     def offload(self) -> bool:
         """Whether the device carries the virtio-net header (``IFF_VNET_HDR``)."""
         return self._vnet_hdr
+
+    @property
+    def offload_flags(self) -> int:
+        """The ``TUN_F_*`` offloads the kernel accepted (``TUNSETOFFLOAD``); 0 without offload."""
+        return self._offload_flags
 
     # -- configuration over netlink -------------------------------------------
 
@@ -545,7 +573,385 @@ class NativeTun:
         return f"<NativeTun {self._name} index={self._index} mtu={self._mtu}{offload}{state}>"
 
 
-def _make(fd: int, name: str, vnet_hdr: bool, ns_fd: int | None, mtu: int | None) -> NativeTun:
+@final
+class GsoNativeTun(NativeTun):
+    """A :class:`NativeTun` with the virtio-net header: the kernel's offloads, and super-packets.
+
+    What :func:`create_tun` returns with ``offload=True`` (and :func:`open_tun`
+    for a descriptor with ``IFF_VNET_HDR``). ``read`` splits super-packets
+    into packets, ``write`` coalesces a batch into super-packets (GRO), and
+    ``read_gso``/``write_gso`` move super-packets whole: this class is a
+    :class:`tunkit.GsoTun`, while a plain :class:`NativeTun` is not.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        *,
+        vnet_hdr: bool,
+        offload_flags: int,
+        ns_fd: int | None,
+        monitor: netlink.LinkMonitor,
+    ) -> None:
+        """Private: use :func:`create_tun` or :func:`open_tun` (see :class:`NativeTun`)."""
+        # Read side, guarded by the read lock. One kernel packet (header
+        # included) lands in _rbuf; _pending is the length of one read there
+        # but not yet handed out (it did not fit the rest of a batch), 0 if none.
+        self._rbuf = bytearray(_MAX_KERNEL_PACKET)
+        self._rview = memoryview(self._rbuf)
+        self._pending = 0
+        self._read_error: BaseException | None = None  # kept for the next call
+        self._split_sizes = [0] * BATCH_OFFLOAD
+        # Write side, guarded by the write lock. A kind of super-packet that the
+        # kernel refused (EINVAL) is split before writing from then on.
+        uso = offload_flags & _OFFLOAD_USO == _OFFLOAD_USO
+        self._coalescer = Coalescer(tcp=True, udp=bool(uso))
+        self._refused_tcp = False
+        self._refused_udp = False
+        self._seg_bufs: list[bytearray] = []  # segments of a refused super-packet
+        self._seg_sizes: list[int] = []
+        super().__init__(
+            fd, name, vnet_hdr=vnet_hdr, offload_flags=offload_flags, ns_fd=ns_fd, monitor=monitor
+        )
+
+    # -- packets: read splits, write coalesces ----------------------------------
+
+    def read(
+        self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int = HEADROOM
+    ) -> int:
+        """Read packets into ``bufs[i][offset:]``, splitting super-packets; return the count.
+
+        Blocks until one kernel packet comes, then takes the ones already
+        waiting while buffers remain. A super-packet (TCP or UDP GSO) becomes
+        its segments, one per buffer, with their own headers and checksums; a
+        partial checksum is completed. A malformed kernel packet, or one whose
+        packets do not fit their buffers, is dropped and counted
+        (``dropped_malformed``, ``dropped_too_big``) and the read goes on. An
+        error after some packets were stored is raised by the next call.
+
+        Raises:
+            OffsetError: *offset* is below ``mro()``.
+            ValueError: fewer buffers than ``batch_size()``, or fewer sizes than buffers.
+            TooManySegmentsError: a super-packet has more segments than
+                *bufs*; it is dropped (and counted), and the next read goes on.
+            ClosedError: the device is closed, or closes while the call waits.
+        """
+        self._check_read_args(bufs, sizes, offset)
+        want = len(bufs)
+        fd = self._fd
+        iov = [self._rbuf]
+        rview = self._rview
+        with self._read_lock:
+            if self._read_error is not None:
+                error, self._read_error = self._read_error, None
+                raise error
+            stored = 0
+            while True:
+                if self._pending:
+                    n, self._pending = self._pending, 0
+                elif not stored:
+                    n = fd.readv_locked(iov)
+                else:
+                    try:
+                        n = fd.try_readv_locked(iov)
+                    except OSError as exc:
+                        self._read_error = exc
+                        return stored
+                    if n < 0:
+                        return stored
+                try:
+                    if stored:
+                        got = self._handle_kernel_packet(
+                            rview[:n], bufs[stored:], self._split_sizes, offset
+                        )
+                        sizes[stored : stored + got] = self._split_sizes[:got]
+                    else:
+                        got = self._handle_kernel_packet(rview[:n], bufs, sizes, offset)
+                except TooManySegmentsError:
+                    if stored:
+                        self._pending = n  # first in the next call, with all buffers
+                        return stored
+                    self._dropped_too_big += 1
+                    raise
+                stored += got
+                if stored >= want:
+                    return stored
+
+    def _handle_kernel_packet(
+        self,
+        data: memoryview,
+        bufs: Sequence[WriteableBuffer],
+        sizes: MutableSequence[int],
+        offset: int,
+    ) -> int:
+        """Turn one kernel read (virtio header + packet) into packets in *bufs*; return the count.
+
+        A malformed one, or one that does not fit, is dropped and counted: 0.
+        Called with the read lock held.
+
+        Raises:
+            TooManySegmentsError: more segments than buffers; nothing stored
+                or counted (the caller decides).
+        """
+        try:
+            count = split(data, bufs, sizes, offset)
+        except _Malformed:
+            self._dropped_malformed += 1
+            return 0
+        except _TooBig:
+            self._dropped_too_big += 1
+            return 0
+        if data[1] & ~VIRTIO_NET_HDR_GSO_ECN != VIRTIO_NET_HDR_GSO_NONE:
+            self._gso_split += 1
+        self._packets_read += count
+        self._bytes_read += sum(sizes[:count]) if count > 1 else sizes[0]
+        return count
+
+    def write(self, bufs: Sequence[ReadableBuffer], offset: int = HEADROOM) -> int:
+        """Write ``bufs[i][offset:]`` as packets, coalescing each flow's into super-packets.
+
+        The TCP segments and UDP datagrams of one flow in the batch go to the
+        kernel as one super-packet (GRO); every other packet is written alone.
+        Returns how many packets were handled, not how many system calls. If
+        the kernel refuses a super-packet (EINVAL: some kernels lack USO), its
+        packets are written one by one, that kind of coalescing is turned off
+        for the device, and ``stats().gro_refused`` counts it. A packet the
+        kernel refuses is dropped and counted as in :meth:`NativeTun.write`.
+        When another error hits after some packets went out, returns how many
+        leading packets were sent and the caller's retry raises it.
+
+        Raises:
+            OffsetError: *offset* is below ``mwo()``.
+            ClosedError: the device is closed, or closes during the call.
+            OSError: any other refusal of the first write.
+        """
+        if offset < HEADROOM:
+            raise OffsetError(f"write offset {offset} is below mwo() {HEADROOM}")
+        fd = self._fd
+        with self._write_lock:
+            writes = self._coalescer.coalesce(bufs, offset)
+            done = 0  # leading packets of the batch handled so far
+            for w in writes:
+                try:
+                    n = fd.writev_locked(w.iov)
+                except OSError as exc:
+                    if isinstance(exc, ClosedError) or (
+                        exc.errno not in _DROPPED_ON_WRITE
+                    ):
+                        if done:
+                            return done
+                        raise
+                    if exc.errno == errno.EINVAL and w.gso:
+                        self._refuse(w.iov[0][1])
+                        for iov in w.one_by_one():
+                            self._write_one(iov)
+                    else:
+                        self._dropped_write += len(w.packets)
+                    done = w.prefix
+                    continue
+                done = w.prefix
+                if w.gso:
+                    self._gro_coalesced += len(w.packets)
+                    self._packets_written += len(w.packets)
+                    self._bytes_written += sum(map(len, w.packets))
+                else:
+                    self._packets_written += 1
+                    self._bytes_written += n - VIRTIO_NET_HDR_LEN
+            return len(bufs)
+
+    def _refuse(self, gso_type: int) -> None:
+        """The kernel refused a super-packet of *gso_type*: split that kind from now on."""
+        self._gro_refused += 1
+        if gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_UDP_L4:
+            self._coalescer.udp = False
+            self._refused_udp = True
+        else:
+            self._coalescer.tcp = False
+            self._refused_tcp = True
+
+    def _write_one(self, iov: list[memoryview]) -> None:
+        """Write one packet (header and packet in *iov*), dropping and counting a refusal."""
+        try:
+            n = self._fd.writev_locked(iov)
+        except OSError as exc:
+            if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                raise
+            self._dropped_write += 1
+            return
+        self._packets_written += 1
+        self._bytes_written += n - VIRTIO_NET_HDR_LEN
+
+    # -- super-packets whole ----------------------------------------------------
+
+    def read_gso(
+        self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int = HEADROOM
+    ) -> int:
+        """Read kernel packets whole, super-packets included; return how many were stored.
+
+        Packet ``i`` is stored at ``bufs[i][offset:offset + sizes[i]]`` with
+        its 10-byte virtio-net header at ``bufs[i][offset - 10:offset]``: a
+        GSO super-packet of up to 64 KB of one TCP or UDP flow, or a single
+        packet (``GSO_NONE``, possibly with a partial checksum to complete).
+        Blocks until the first comes, then takes those already waiting, one
+        per buffer. Any number of buffers will do; give each room for
+        ``offset + 65535`` bytes, because a packet longer than its buffer's
+        room is dropped and counted (``dropped_too_big``), as is one whose
+        header does not match it (``dropped_malformed``). An error after some
+        packets were stored is raised by the next call.
+
+        Raises:
+            OffsetError: *offset* is below ``mro()``.
+            ValueError: no buffers, or fewer sizes than buffers.
+            ClosedError: the device is closed, or closes while the call waits.
+        """
+        if offset < HEADROOM:
+            raise OffsetError(f"read offset {offset} is below mro() {HEADROOM}")
+        if not bufs:
+            raise ValueError("read_gso with 0 buffers")
+        if len(sizes) < len(bufs):
+            raise ValueError(f"read_gso with {len(sizes)} sizes for {len(bufs)} buffers")
+        want = len(bufs)
+        fd = self._fd
+        overflow = self._overflow
+        at = offset - VIRTIO_NET_HDR_LEN
+        with self._read_lock:
+            if self._read_error is not None:
+                error, self._read_error = self._read_error, None
+                raise error
+            stored = 0
+            while stored < want:
+                view = memoryview(bufs[stored])
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                room = view[at:]
+                if self._pending:
+                    # Left by read(): hand it on whole if it fits.
+                    n, self._pending = self._pending, 0
+                    if n <= len(room):
+                        room[:n] = self._rview[:n]
+                elif not stored:
+                    n = fd.readv_locked([room, overflow])
+                else:
+                    try:
+                        n = fd.try_readv_locked([room, overflow])
+                    except OSError as exc:
+                        self._read_error = exc
+                        return stored
+                    if n < 0:
+                        return stored
+                if n > len(room):
+                    self._dropped_too_big += 1
+                    continue
+                segments, hdr_len = gso_segments(room[:n])
+                if not segments:
+                    self._dropped_malformed += 1
+                    continue
+                ip_len = n - VIRTIO_NET_HDR_LEN
+                sizes[stored] = ip_len
+                stored += 1
+                self._packets_read += segments
+                # As many bytes as the segments carry: headers once per segment.
+                self._bytes_read += ip_len + (segments - 1) * hdr_len
+                if hdr_len:
+                    self._gso_read += 1
+            return stored
+
+    def write_gso(self, bufs: Sequence[ReadableBuffer], offset: int = HEADROOM) -> int:
+        """Write packets whole with their virtio-net headers; return how many were handled.
+
+        Packet ``i`` is ``bufs[i][offset:]`` and its header is
+        ``bufs[i][offset - 10:offset]`` (as :meth:`read_gso` stores them): one
+        system call each, super-packets included. A super-packet the kernel
+        refuses (EINVAL, a kernel without USO say) is split and written
+        segment by segment, and that kind is split first from then on
+        (``stats().gro_refused``): nothing is lost. Other refusals are
+        dropped and counted as in :meth:`write`. When another error hits
+        after some packets went out, returns how many were handled.
+
+        Raises:
+            OffsetError: *offset* is below ``mwo()``.
+            ClosedError: the device is closed, or closes during the call.
+            OSError: any other refusal of the first packet.
+        """
+        if offset < HEADROOM:
+            raise OffsetError(f"write offset {offset} is below mwo() {HEADROOM}")
+        write = self._fd.write_locked
+        at = offset - VIRTIO_NET_HDR_LEN
+        done = 0
+        with self._write_lock:
+            for buf in bufs:
+                view = memoryview(buf)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                data = view[at:]
+                kind = data[1] & ~VIRTIO_NET_HDR_GSO_ECN if len(data) > 1 else 0
+                if kind != VIRTIO_NET_HDR_GSO_NONE and (
+                    self._refused_udp if kind == VIRTIO_NET_HDR_GSO_UDP_L4 else self._refused_tcp
+                ):
+                    self._write_split(data)
+                    done += 1
+                    continue
+                try:
+                    write(data)
+                except OSError as exc:
+                    if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                        if done:
+                            return done
+                        raise
+                    if exc.errno == errno.EINVAL and kind != VIRTIO_NET_HDR_GSO_NONE:
+                        if self._write_split(data):
+                            self._refuse(kind)
+                    else:
+                        self._dropped_write += 1
+                    done += 1
+                    continue
+                done += 1
+                segments, hdr_len = gso_segments(data)
+                if hdr_len:
+                    self._gso_written += 1
+                segments = segments or 1  # not ours to judge: the kernel took it
+                ip_len = len(data) - VIRTIO_NET_HDR_LEN
+                self._packets_written += segments
+                self._bytes_written += ip_len + (segments - 1) * hdr_len
+        return done
+
+    def _write_split(self, data: memoryview) -> bool:
+        """Split super-packet *data* (header + packet) and write the segments one by one.
+
+        Returns whether it could be split; one that cannot is dropped and
+        counted in ``dropped_write``. Called with the write lock held.
+        """
+        segments, hdr_len = gso_segments(data)
+        if not segments:
+            self._dropped_write += 1
+            return False
+        seg_room = VIRTIO_NET_HDR_LEN + hdr_len + VNET_HDR.unpack_from(data)[3]
+        if len(self._seg_bufs) < segments or len(self._seg_bufs[0]) < seg_room:
+            count = max(segments, len(self._seg_bufs))
+            size = max(seg_room, len(self._seg_bufs[0]) if self._seg_bufs else 0)
+            # Zero-filled: the first 10 bytes of each stay an empty virtio header.
+            self._seg_bufs = [bytearray(size) for _ in range(count)]
+            self._seg_sizes = [0] * count
+        try:
+            count = split(data, self._seg_bufs, self._seg_sizes, VIRTIO_NET_HDR_LEN)
+        except (_Malformed, _TooBig, TooManySegmentsError):
+            self._dropped_write += 1
+            return False
+        for i in range(count):
+            seg = memoryview(self._seg_bufs[i])[: VIRTIO_NET_HDR_LEN + self._seg_sizes[i]]
+            self._write_one([seg])
+        return True
+
+
+def _make(
+    fd: int,
+    name: str,
+    vnet_hdr: bool,
+    offload_flags: int,
+    ns_fd: int | None,
+    mtu: int | None,
+) -> NativeTun:
     """Bind the event socket, apply *mtu*, and wrap *fd*; on error close nothing of *fd*."""
     monitor = netlink.LinkMonitor.open(ns_fd, name)
     try:
@@ -553,22 +959,29 @@ def _make(fd: int, name: str, vnet_hdr: bool, ns_fd: int | None, mtu: int | None
             netlink.set_mtu(ns_fd, monitor.state.ifindex, mtu)
             # The kernel's answer to our own change is not an event: start from it.
             monitor.note_mtu(mtu)
-        return NativeTun(fd, name, vnet_hdr=vnet_hdr, ns_fd=ns_fd, monitor=monitor)
+        cls = GsoNativeTun if vnet_hdr else NativeTun
+        return cls(
+            fd, name, vnet_hdr=vnet_hdr, offload_flags=offload_flags, ns_fd=ns_fd, monitor=monitor
+        )
     except BaseException:
         monitor.close()
         raise
 
 
 def create_tun(
-    name: str = "", mtu: int = 1500, *, offload: bool = False, netns: str | None = None
+    name: str = "", mtu: int = 1500, *, offload: bool = True, netns: str | None = None
 ) -> NativeTun:
     """Create a TUN device, in network namespace *netns* if given, and return it, down.
 
     The descriptor stays with this process whatever the namespace, so one
     process can own devices in several namespaces. ``name=""`` lets the
     kernel choose (``tun0``, ...); the name of a free persistent TUN device
-    attaches to it. *offload* turns on the virtio-net header (batch size 128);
-    the kernel offloads themselves (GSO split, GRO) come with the offload engine.
+    attaches to it. With *offload* (the default) the device carries the
+    virtio-net header, asks the kernel for checksum, TCP and (where
+    accepted) UDP segmentation offload, has a batch size of 128, and is a
+    :class:`GsoNativeTun` (a :class:`tunkit.GsoTun`). Without it the
+    kernel's offloads are switched off (no super-packets), the batch size is
+    1, and it is a plain :class:`NativeTun`.
 
     Raises:
         ValueError: a bad *name* or *mtu*, before any system call.
@@ -586,9 +999,15 @@ def create_tun(
             fd = _open_dev_tun()
             flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
             real_name = _set_iff(fd, name, flags)
+            # A persistent device may keep offloads that an earlier owner
+            # asked for: without the virtio header they would hand over
+            # super-packets with nothing to say so. Reset them.
             if offload:
-                _enable_vnet(fd)
-            return _make(fd, real_name, offload, ns_fd, mtu)
+                offload_flags = _enable_vnet(fd)
+            else:
+                _set_offload(fd, 0)
+                offload_flags = 0
+            return _make(fd, real_name, offload, offload_flags, ns_fd, mtu)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -603,8 +1022,11 @@ def open_tun(fd: int, *, offload: bool | None = None, netns: str | None = None) 
     Takes ownership of *fd* on success; on error the caller keeps it. The
     descriptor must be attached to an ``IFF_TUN | IFF_NO_PI`` device; its
     flags (``TUNGETIFF``) tell whether the virtio header is on when *offload*
-    is ``None``. *netns* names the namespace the device lives in, for
-    configuration and events (default: this process's).
+    is ``None``. With the header, the offloads are asked for as by
+    :func:`create_tun` and the result is a :class:`GsoNativeTun`; without
+    it, the device's offloads are switched off so that the kernel hands
+    over no super-packets. *netns* names the namespace the device lives in,
+    for configuration and events (default: this process's).
 
     Raises:
         ValueError: *fd* is not such a device, or *offload* contradicts its flags.
@@ -625,10 +1047,13 @@ def open_tun(fd: int, *, offload: bool | None = None, netns: str | None = None) 
         state = "on" if vnet_hdr else "off"
         raise ValueError(f"offload={offload} but the virtio header of {name!r} is {state}")
     if vnet_hdr:
-        _enable_vnet(fd)
+        offload_flags = _enable_vnet(fd)
+    else:
+        _set_offload(fd, 0)
+        offload_flags = 0
     ns_fd = _netns_fd(netns)
     try:
-        return _make(fd, name, vnet_hdr, ns_fd, None)
+        return _make(fd, name, vnet_hdr, offload_flags, ns_fd, None)
     except BaseException:
         if ns_fd is not None:
             os.close(ns_fd)

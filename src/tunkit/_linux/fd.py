@@ -6,6 +6,7 @@ import errno
 import os
 import select
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from .._errors import ClosedError
@@ -28,19 +29,50 @@ class _Descriptor:
     same time (a lock per direction); the descriptor is closed only once
     neither lock is held, so no system call can reach a reused descriptor
     number.
+
+    The system call is tried first and ``poll()`` runs only on EAGAIN; each
+    direction keeps its own poll object, made once and used only under its
+    lock (a poll object holds descriptor numbers, not the files: it is never
+    used once :meth:`close` has begun).
+
+    A hot path may make its own system call on :attr:`fd` (one packet per
+    call leaves no room for a layer of Python): holding the direction's
+    lock, it tries the call, on ``BlockingIOError`` calls
+    :meth:`wait_readable`/:meth:`wait_writable` and tries again, and passes
+    any other ``OSError`` through :meth:`failure`.
     """
 
-    __slots__ = ("_closing", "_fd", "_label", "_read_lock", "_state_lock", "_wake", "_write_lock")
+    __slots__ = (
+        "_closing",
+        "_label",
+        "_read_lock",
+        "_read_poll",
+        "_state_lock",
+        "_wake",
+        "_write_lock",
+        "_write_poll",
+        "fd",
+    )
 
     def __init__(self, fd: int, label: str = "device") -> None:
         os.set_blocking(fd, False)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._fd = fd  # closed under both direction locks
+        # The descriptor number, -1 once closed: closed under both direction
+        # locks, so a holder of either lock sees a number that is still ours
+        # (a late call gets EBADF from -1, never another file's number).
+        self.fd = fd
         self._label = label
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._closing = False  # guarded by _state_lock; read without it as a hint
+        # One poll object per direction, guarded by that direction's lock.
+        self._read_poll = select.poll()
+        self._read_poll.register(fd, select.POLLIN)
+        self._read_poll.register(self._wake, select.POLLIN)
+        self._write_poll = select.poll()
+        self._write_poll.register(fd, select.POLLOUT)
+        self._write_poll.register(self._wake, select.POLLIN)
 
     @property
     def closed(self) -> bool:
@@ -49,18 +81,50 @@ class _Descriptor:
 
     def fileno(self) -> int:
         """The owned descriptor; -1 once closed."""
-        return self._fd
+        return self.fd
 
     def _closed_error(self, direction: str) -> ClosedError:
         return ClosedError(f"tun: {direction} on closed {self._label}: file already closed")
 
-    def _wait(self, events: int) -> None:
-        poller = select.poll()  # one per waiter: the two directions wait apart
-        poller.register(self._fd, events)
-        poller.register(self._wake, select.POLLIN)
-        poller.poll()
+    def closed_error(self, direction: str) -> ClosedError:
+        """The :class:`ClosedError` of a *direction* (``"read"``/``"write"``) after close()."""
+        return self._closed_error(direction)
 
-    def readv(self, bufs: list[WriteableBuffer]) -> int:
+    def wait_readable(self) -> None:
+        """Block until the descriptor is readable; hold :attr:`read_lock`.
+
+        Raises:
+            ClosedError: close() has begun (then or while waiting).
+        """
+        if self._closing:
+            raise self._closed_error("read")
+        self._read_poll.poll()
+        if self._closing:
+            raise self._closed_error("read")
+
+    def wait_writable(self) -> None:
+        """Block until the descriptor is writable; hold :attr:`write_lock`.
+
+        Raises:
+            ClosedError: close() has begun (then or while waiting).
+        """
+        if self._closing:
+            raise self._closed_error("write")
+        self._write_poll.poll()
+        if self._closing:
+            raise self._closed_error("write")
+
+    def failure(self, exc: OSError, direction: str) -> OSError:
+        """The exception to raise for *exc* from a system call of *direction* on :attr:`fd`.
+
+        EBADF after close() (the number is -1) becomes :class:`ClosedError`;
+        anything else stays itself.
+        """
+        if exc.errno == errno.EBADF and self._closing:
+            return self._closed_error(direction)
+        return exc
+
+    def readv(self, bufs: Sequence[WriteableBuffer]) -> int:
         """Read one record (one packet for a TUN device) into *bufs*; block until one comes.
 
         Raises:
@@ -70,15 +134,36 @@ class _Descriptor:
         with self._read_lock:
             return self.readv_locked(bufs)
 
-    def readv_locked(self, bufs: list[WriteableBuffer]) -> int:
+    def readv_locked(self, bufs: Sequence[WriteableBuffer]) -> int:
         """Like :meth:`readv`, for a caller that holds :attr:`read_lock`."""
         while True:
             if self._closing:
                 raise self._closed_error("read")
             try:
-                return os.readv(self._fd, bufs)
+                return os.readv(self.fd, bufs)
             except BlockingIOError:
-                self._wait(select.POLLIN)
+                self._read_poll.poll()
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF and self._closing:
+                    raise self._closed_error("read") from None
+                raise
+
+    def try_readv_locked(self, bufs: Sequence[WriteableBuffer]) -> int:
+        """Read one record into *bufs* if one is ready, else return -1; hold :attr:`read_lock`.
+
+        Raises:
+            ClosedError: the descriptor is closed.
+            OSError: the kernel refused the read.
+        """
+        while True:
+            if self._closing:
+                raise self._closed_error("read")
+            try:
+                return os.readv(self.fd, bufs)
+            except BlockingIOError:
+                return -1
             except InterruptedError:
                 continue
             except OSError as exc:
@@ -91,7 +176,7 @@ class _Descriptor:
         """The lock of the read direction; hold it to guard state that goes with a read."""
         return self._read_lock
 
-    def writev(self, bufs: list[ReadableBuffer]) -> int:
+    def writev(self, bufs: Sequence[ReadableBuffer]) -> int:
         """Write *bufs* as one record (one packet for a TUN device); block while the kernel is full.
 
         Raises:
@@ -101,15 +186,31 @@ class _Descriptor:
         with self._write_lock:
             return self.writev_locked(bufs)
 
-    def writev_locked(self, bufs: list[ReadableBuffer]) -> int:
+    def writev_locked(self, bufs: Sequence[ReadableBuffer]) -> int:
         """Like :meth:`writev`, for a caller that holds :attr:`write_lock` (a batch)."""
         while True:
             if self._closing:
                 raise self._closed_error("write")
             try:
-                return os.writev(self._fd, bufs)
+                return os.writev(self.fd, bufs)
             except BlockingIOError:
-                self._wait(select.POLLOUT)
+                self._write_poll.poll()
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF and self._closing:
+                    raise self._closed_error("write") from None
+                raise
+
+    def write_locked(self, buf: ReadableBuffer) -> int:
+        """Like :meth:`writev_locked` with one buffer (``os.write``: no list to build)."""
+        while True:
+            if self._closing:
+                raise self._closed_error("write")
+            try:
+                return os.write(self.fd, buf)
+            except BlockingIOError:
+                self._write_poll.poll()
             except InterruptedError:
                 continue
             except OSError as exc:
@@ -136,10 +237,10 @@ class _Descriptor:
         with self._read_lock, self._write_lock:
             # No system call on _fd can be running now. A closed descriptor's
             # number is reused at once; a late read would hit another file.
-            os.close(self._fd)
+            os.close(self.fd)
             os.close(self._wake)
-            self._fd = self._wake = -1
+            self.fd = self._wake = -1
 
     def __repr__(self) -> str:
         state = " [closed]" if self._closing else ""
-        return f"<_Descriptor fd={self._fd}{state}>"
+        return f"<_Descriptor fd={self.fd}{state}>"
