@@ -27,6 +27,7 @@ from ._errors import (
 )
 from ._events import Event, Events
 from ._forwarder import Forwarder, Point2Point
+from ._offload import speedups_enabled
 from ._pipe import pipe
 from ._pool import BufferPool, DebugPool, Pool
 from ._tun import GsoTun, Tun
@@ -81,4 +82,5 @@ __all__ = [
     "create_tun",
     "open_tun",
     "pipe",
+    "speedups_enabled",
 ]

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ._bench import SETUPS, BenchResult, BenchUnavailable, ratios, run_pair_load
+from ._offload import speedups_enabled
 
 __all__ = ["BENCH_HELP", "run_bench"]
 
@@ -131,11 +132,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
             r.error,
         )
     console.print(table)
-    from . import _offload
-
-    enabled = getattr(_offload, "speedups_enabled", None)
-    if enabled is not None:
-        console.print(f"offload engine: {'C speedups' if enabled() else 'pure Python'}")
+    console.print(f"offload engine: {'C speedups' if speedups_enabled() else 'pure Python'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": [r.as_json() for r in results], "ratios": by_ratio}, f, indent=2)
