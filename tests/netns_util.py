@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -217,28 +218,48 @@ class NativeHarness:
 class Pair:
     """Devices ``a`` (in ``ns_a``, 10.77.0.1, fd00:77::1) and ``b`` (``ns_b``, .2, ::2).
 
-    :meth:`start_copy` joins them with ``tunkit.copy`` on a thread; :meth:`close`
-    closes both devices and joins it.
+    :meth:`start_copy` joins them with ``tunkit.copy`` (or another loop) on a
+    thread; :meth:`close` closes both devices and joins it. *offload* is
+    passed to ``create_tun``.
     """
 
     A4, B4 = "10.77.0.1", "10.77.0.2"
     A6, B6 = "fd00:77::1", "fd00:77::2"
 
-    def __init__(self, ns_a: str, ns_b: str, mtu: int = 1500) -> None:
+    def __init__(self, ns_a: str, ns_b: str, mtu: int = 1500, *, offload: bool = True) -> None:
         self.ns_a, self.ns_b = ns_a, ns_b
-        self.a = create_tun(netns=ns_a, mtu=mtu)
-        self.b = create_tun(netns=ns_b, mtu=mtu)
+        self.a = create_tun(netns=ns_a, mtu=mtu, offload=offload)
+        try:
+            self.b = create_tun(netns=ns_b, mtu=mtu, offload=offload)
+        except BaseException:
+            self.a.close()
+            raise
         self._copy: threading.Thread | None = None
         self.copy_error: list[BaseException] = []
-        for tun, v4, v6 in ((self.a, self.A4, self.A6), (self.b, self.B4, self.B6)):
-            tun.add_address(f"{v4}/24")
-            tun.add_address(f"{v6}/64")
-            tun.up()
+        try:
+            for tun, v4, v6 in ((self.a, self.A4, self.A6), (self.b, self.B4, self.B6)):
+                tun.add_address(f"{v4}/24")
+                tun.add_address(f"{v6}/64")
+                tun.up()
+        except BaseException:
+            self.a.close()
+            self.b.close()
+            raise
 
-    def start_copy(self) -> None:
+    def start_copy(
+        self,
+        *,
+        passthrough: bool = True,
+        loop: Callable[[NativeTun, NativeTun], None] | None = None,
+    ) -> None:
+        """Join the devices on a thread: ``tunkit.copy(a, b, passthrough=...)``, or *loop*."""
+
         def run() -> None:
             try:
-                tunkit.copy(self.a, self.b)
+                if loop is None:
+                    tunkit.copy(self.a, self.b, passthrough=passthrough)
+                else:
+                    loop(self.a, self.b)
             except BaseException as exc:
                 self.copy_error.append(exc)
 
@@ -252,3 +273,65 @@ class Pair:
             self._copy.join(10)
             assert not self._copy.is_alive(), "copy did not end after close()"
         assert not self.copy_error, f"copy failed: {self.copy_error[0]!r}"
+
+
+# -- a TCP transfer across a Pair, checked end to end ---------------------------------
+
+_RECEIVER = """
+    import hashlib, socket, sys
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind((sys.argv[1], 5201))
+    srv.listen(1)
+    print("ready", flush=True)
+    conn, _ = srv.accept()
+    digest, total = hashlib.sha256(), 0
+    while chunk := conn.recv(1 << 20):
+        digest.update(chunk)
+        total += len(chunk)
+    print(total, digest.hexdigest(), flush=True)
+"""
+
+_SENDER = """
+    import hashlib, random, socket, sys
+    data = random.Random(4).randbytes(int(sys.argv[2]))
+    print(hashlib.sha256(data).hexdigest(), flush=True)
+    conn = socket.create_connection((sys.argv[1], 5201), timeout=60)
+    conn.sendall(data)
+    conn.close()
+"""
+
+
+def ns_python(ns: str, code: str, *args: str) -> subprocess.Popen[str]:
+    """Start ``python -c code args`` inside namespace *ns*, its output piped."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def tcp_transfer(pair: Pair, size: int, timeout: float = 100) -> None:
+    """Send *size* random bytes over TCP from ``ns_a`` to ``b``'s IPv4 address; check SHA-256.
+
+    Raises:
+        AssertionError: a side failed, or the bytes that arrived differ.
+    """
+    receiver = ns_python(pair.ns_b, _RECEIVER, pair.B4)
+    sender: subprocess.Popen[str] | None = None
+    try:
+        assert receiver.stdout is not None
+        assert receiver.stdout.readline().strip() == "ready", receiver.stderr
+        sender = ns_python(pair.ns_a, _SENDER, pair.B4, str(size))
+        sent_out, sent_err = sender.communicate(timeout=timeout)
+        assert sender.returncode == 0, sent_err
+        got_out, got_err = receiver.communicate(timeout=20)
+        assert receiver.returncode == 0, got_err
+    finally:
+        for proc in (receiver, sender):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    total, digest = got_out.split()
+    assert int(total) == size
+    assert digest == sent_out.strip(), "the bytes that arrived differ from those sent"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final, final
 # extension where one is built) applies here too.
 from .._errors import ClosedError, OffsetError, TooManySegmentsError
 from .._events import Event, Events
-from .._offload import Coalescer, _Malformed, _TooBig, split
+from .._offload import Coalescer, Write, _Malformed, _TooBig, split
 from . import netlink
 from .constants import (
     IFF_NO_PI,
@@ -734,22 +734,28 @@ class GsoNativeTun(NativeTun):
             done = 0  # leading packets of the batch handled so far
             for w in writes:
                 try:
-                    n = fd.writev_locked(w.iov)
-                except OSError as exc:
-                    if isinstance(exc, ClosedError) or (
-                        exc.errno not in _DROPPED_ON_WRITE
-                    ):
-                        if done:
-                            return done
-                        raise
-                    if exc.errno == errno.EINVAL and w.gso:
-                        self._refuse(w.iov[0][1])
-                        for iov in w.one_by_one():
-                            self._write_one(iov)
-                    else:
-                        self._dropped_write += len(w.packets)
-                    done = w.prefix
-                    continue
+                    if w.gso and self._refused(w.iov[0][1]):
+                        # Refused earlier in this batch: the coalescer heard of
+                        # it too late to leave this one whole.
+                        self._write_apart(w)
+                        done = w.prefix
+                        continue
+                    try:
+                        n = fd.writev_locked(w.iov)
+                    except OSError as exc:
+                        if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                            raise
+                        if exc.errno == errno.EINVAL and w.gso:
+                            self._refuse(w.iov[0][1])
+                            self._write_apart(w)
+                        else:
+                            self._dropped_write += len(w.packets)
+                        done = w.prefix
+                        continue
+                except OSError:
+                    if done:
+                        return done  # the caller's retry meets the error
+                    raise
                 done = w.prefix
                 if w.gso:
                     self._gro_coalesced += len(w.packets)
@@ -759,6 +765,17 @@ class GsoNativeTun(NativeTun):
                     self._packets_written += 1
                     self._bytes_written += n - VIRTIO_NET_HDR_LEN
             return len(bufs)
+
+    def _write_apart(self, w: Write) -> None:
+        """Write the packets of *w* one by one (GSO_NONE), dropping and counting refusals."""
+        for iov in w.one_by_one():
+            self._write_one(iov)
+
+    def _refused(self, gso_type: int) -> bool:
+        """Whether the kernel refused a super-packet of *gso_type*'s kind before."""
+        if gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_UDP_L4:
+            return self._refused_udp
+        return self._refused_tcp
 
     def _refuse(self, gso_type: int) -> None:
         """The kernel refused a super-packet of *gso_type*: split that kind from now on."""
@@ -886,26 +903,27 @@ class GsoNativeTun(NativeTun):
                     view = view.cast("B")
                 data = view[at:]
                 kind = data[1] & ~VIRTIO_NET_HDR_GSO_ECN if len(data) > 1 else 0
-                if kind != VIRTIO_NET_HDR_GSO_NONE and (
-                    self._refused_udp if kind == VIRTIO_NET_HDR_GSO_UDP_L4 else self._refused_tcp
-                ):
-                    self._write_split(data)
-                    done += 1
-                    continue
                 try:
-                    write(data)
-                except OSError as exc:
-                    if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
-                        if done:
-                            return done
-                        raise
-                    if exc.errno == errno.EINVAL and kind != VIRTIO_NET_HDR_GSO_NONE:
-                        if self._write_split(data):
-                            self._refuse(kind)
-                    else:
-                        self._dropped_write += 1
-                    done += 1
-                    continue
+                    if kind != VIRTIO_NET_HDR_GSO_NONE and self._refused(kind):
+                        self._write_split(data)
+                        done += 1
+                        continue
+                    try:
+                        write(data)
+                    except OSError as exc:
+                        if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                            raise
+                        if exc.errno == errno.EINVAL and kind != VIRTIO_NET_HDR_GSO_NONE:
+                            if self._write_split(data):
+                                self._refuse(kind)
+                        else:
+                            self._dropped_write += 1
+                        done += 1
+                        continue
+                except OSError:
+                    if done:
+                        return done  # the caller's retry meets the error
+                    raise
                 done += 1
                 segments, hdr_len = gso_segments(data)
                 if hdr_len:

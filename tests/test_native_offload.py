@@ -1,0 +1,552 @@
+"""NativeTun with offload, as root in namespaces: split, coalesce, super-packets whole, fallbacks.
+
+The offload engine has its own unit tests (test_offload_*.py); these check
+the device around it: what the kernel is asked for, that real TCP and UDP GSO
+traffic crosses two devices intact whichever way it is carried, that the
+counters show the offload at work, that a kernel refusing super-packets
+costs nothing but speed, and that garbage from the kernel is dropped and
+counted without stopping the device.
+"""
+
+# ruff: noqa: F811  (the fixtures imported from netns_util are parameters here)
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from netns_util import NativeHarness, Pair, netns_factory, ns_socket, root, tcp_transfer  # noqa: F401
+from packets import ACK, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, PSH, TCP, UDP, Flow, payload_bytes, vnet
+
+from tunkit import GsoTun, OffsetError, TooManySegmentsError
+from tunkit._linux.constants import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6
+from tunkit._linux.device import GsoNativeTun, NativeTun, create_tun
+from tunkit._linux.vnet import gso_segments
+from tunkit._offload import _Malformed, split
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+MakeNs = Callable[[str], str]
+UDP_SEGMENT = 103  # <linux/udp.h>: the socket option of UDP GSO
+SOL_UDP = 17
+
+
+def _gso(tun: NativeTun) -> GsoNativeTun:
+    assert isinstance(tun, GsoNativeTun), tun
+    return tun
+
+
+# -- what the kernel is asked for ----------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_offload_device_asks_for_tso_and_uso(netns_factory: MakeNs) -> None:
+    with create_tun(netns=netns_factory("flags")) as tun:
+        gso = _gso(tun)
+        assert isinstance(tun, GsoTun)
+        base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        assert tun.offload_flags & base == base
+        uso = tun.offload_flags & (TUN_F_USO4 | TUN_F_USO6) == TUN_F_USO4 | TUN_F_USO6
+        release = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
+        if release >= (6, 2):  # USO on TUN came with Linux 6.2
+            assert uso
+        assert gso._coalescer.tcp and gso._coalescer.udp == uso
+        assert tun.batch_size() == 128 and tun.mwo() == tun.mro() == 16
+
+
+@pytest.mark.timeout(30)
+def test_offload_argument_checks(netns_factory: MakeNs) -> None:
+    with create_tun(netns=netns_factory("gargs")) as tun:
+        gso = _gso(tun)
+        with pytest.raises(ValueError, match="batch_size"):
+            tun.read([bytearray(2000)], [0], 16)
+        with pytest.raises(OffsetError, match="below mro"):
+            gso.read_gso([bytearray(2000)], [0], 15)
+        with pytest.raises(OffsetError, match="below mwo"):
+            gso.write_gso([bytes(2000)], 15)
+        with pytest.raises(ValueError, match="0 buffers"):
+            gso.read_gso([], [], 16)
+        with pytest.raises(ValueError, match="sizes"):
+            gso.read_gso([bytearray(2000)], [], 16)
+
+
+# -- real traffic --------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_pair(netns_factory: MakeNs) -> Iterator[Callable[..., Pair]]:
+    pairs: list[Pair] = []
+
+    def make(**kw: Any) -> Pair:
+        p = Pair(netns_factory("oa"), netns_factory("ob"), **kw)
+        pairs.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in pairs:
+            p.close()
+
+
+@pytest.mark.timeout(120)
+def test_tcp_200_mb_split_on_read_and_coalesced_on_write(make_pair: Callable[..., Pair]) -> None:
+    """Through read/write (passthrough off): every super-packet is split, and merged again."""
+    pair = make_pair()
+    pair.start_copy(passthrough=False)
+    size = 200 << 20
+    tcp_transfer(pair, size)
+    a, b = pair.a.stats(), pair.b.stats()
+    assert a.gso_split > 0, a  # the sender's kernel handed over super-packets (TSO)
+    assert b.gro_coalesced > 0, b  # and they went into b's kernel merged again (GRO)
+    assert a.bytes_read > size and b.bytes_written > size
+    assert a.dropped_malformed == a.dropped_too_big == b.dropped_write == 0
+    assert a.gso_read == b.gso_written == 0  # read_gso/write_gso were not used
+
+
+def _gso_loop(src: GsoNativeTun, dst: GsoNativeTun) -> None:
+    """The plainest pass-through loop: read_gso from one, write_gso the same buffers on."""
+    bufs = [bytearray(16 + 65535) for _ in range(8)]
+    views = [memoryview(b) for b in bufs]
+    sizes = [0] * len(bufs)
+    while True:
+        n = src.read_gso(bufs, sizes, 16)
+        done = 0
+        while done < n:
+            done += dst.write_gso([views[i][: 16 + sizes[i]] for i in range(done, n)], 16)
+
+
+def _gso_copy(a: NativeTun, b: NativeTun) -> None:
+    """Both directions of :func:`_gso_loop`; returns when either device closes."""
+    ga, gb = _gso(a), _gso(b)
+    errors: list[BaseException] = []
+
+    def run(src: GsoNativeTun, dst: GsoNativeTun) -> None:
+        try:
+            _gso_loop(src, dst)
+        except OSError as exc:  # ClosedError included: the test closed the pair
+            if not (src.closed or dst.closed):
+                errors.append(exc)
+        finally:
+            a.close()
+            b.close()
+
+    other = threading.Thread(target=run, args=(gb, ga), name="test-gso-copy")
+    other.start()
+    run(ga, gb)
+    other.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.timeout(120)
+def test_tcp_through_read_gso_and_write_gso(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.start_copy(loop=_gso_copy)
+    size = 64 << 20
+    tcp_transfer(pair, size)
+    a, b = pair.a.stats(), pair.b.stats()
+    assert a.gso_read > 0 and b.gso_written > 0  # super-packets crossed whole
+    assert a.gso_split == 0 and b.gro_coalesced == 0  # nothing split or merged by tunkit
+    assert a.bytes_read > size and b.bytes_written > size
+    assert a.dropped_malformed == a.dropped_too_big == b.dropped_write == 0
+
+
+def _send_udp_gso(pair: Pair, version: int, datagrams: Sequence[bytes], gso_size: int) -> None:
+    """Send *datagrams* (all *gso_size* long but the last) as one UDP_SEGMENT send; check them."""
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    src, dst = (pair.A4, pair.B4) if version == 4 else (pair.A6, pair.B6)
+    receiver = ns_socket(pair.ns_b, family, socket.SOCK_DGRAM)
+    sender = ns_socket(pair.ns_a, family, socket.SOCK_DGRAM)
+    try:
+        receiver.bind((dst, 9100))
+        sender.bind((src, 0))
+        # Right after the link comes up an IPv6 address may not be local yet
+        # (addrconf finishes on a workqueue): probe until one datagram arrives.
+        receiver.settimeout(0.2)
+        for _ in range(25):
+            sender.sendto(b"probe", (dst, 9100))
+            try:
+                if receiver.recvfrom(100)[0] == b"probe":
+                    break
+            except TimeoutError:
+                continue
+        receiver.settimeout(5)
+        sender.setsockopt(SOL_UDP, UDP_SEGMENT, gso_size)
+        sender.sendto(b"".join(datagrams), (dst, 9100))
+        got = []
+        for _ in datagrams:
+            data, peer = receiver.recvfrom(70000)
+            assert peer[0] == src
+            got.append(data)
+        assert got == list(datagrams)
+    finally:
+        receiver.close()
+        sender.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("offload", "passthrough"),
+    [(True, False), (True, True), (False, False)],
+    ids=["split", "whole", "plain"],
+)
+@pytest.mark.parametrize("version", [4, 6])
+def test_udp_gso_from_a_socket_arrives_as_its_datagrams(
+    make_pair: Callable[..., Pair], offload: bool, passthrough: bool, version: int
+) -> None:
+    pair = make_pair(offload=offload)
+    pair.start_copy(passthrough=passthrough)
+    for round_, (count, gso_size, last) in enumerate([(10, 1000, 1000), (40, 1200, 77), (2, 8, 3)]):
+        datagrams = [payload_bytes(gso_size, seed=round_ * 64 + i) for i in range(count - 1)]
+        datagrams.append(payload_bytes(last, seed=99))
+        _send_udp_gso(pair, version, datagrams, gso_size)
+    a, b = pair.a.stats(), pair.b.stats()
+    if offload and passthrough:
+        assert a.gso_read >= 3 and b.gso_written >= 3, (a, b)
+    elif offload:
+        assert a.gso_split >= 3, a  # USO super-packets from the sender's kernel, split
+        assert b.gro_coalesced >= 40, b  # and merged again on write (UDP GRO)
+    else:
+        assert a.gso_split == b.gro_coalesced == 0
+        assert a.packets_read >= 52  # the sender's kernel split them in software
+    assert a.dropped_malformed == a.dropped_too_big == b.dropped_write == 0
+
+
+# -- a kernel that refuses super-packets ---------------------------------------------
+
+
+class _Refusing:
+    """Stands in for a device's descriptor: refuses super-packet writes with EINVAL.
+
+    As a kernel without USO (or with a stricter check) would; everything
+    else goes to the real descriptor.
+    """
+
+    def __init__(self, inner: object, kinds: set[int]) -> None:
+        self._inner = inner
+        self.kinds = kinds
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _check(self, first: ReadableBuffer) -> None:
+        view = memoryview(first).cast("B")
+        if len(view) >= 10 and view[1] & 0x7F in self.kinds:
+            self.refused += 1
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    def writev_locked(self, bufs: Sequence[ReadableBuffer]) -> int:
+        self._check(bufs[0])
+        return int(self._inner.writev_locked(bufs))  # type: ignore[attr-defined]
+
+    def write_locked(self, buf: ReadableBuffer) -> int:
+        self._check(buf)
+        return int(self._inner.write_locked(buf))  # type: ignore[attr-defined]
+
+
+def _refuse(tun: NativeTun, kinds: set[int]) -> _Refusing:
+    refusing = _Refusing(tun._fd, kinds)
+    tun._fd = refusing  # type: ignore[assignment]
+    return refusing
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("passthrough", [False, True], ids=["coalesced", "whole"])
+def test_refused_super_packets_are_split_and_nothing_is_lost(
+    make_pair: Callable[..., Pair], passthrough: bool
+) -> None:
+    pair = make_pair()
+    refusing = _refuse(pair.b, {GSO_TCPV4, GSO_UDP_L4})
+    gso_b = _gso(pair.b)
+    pair.start_copy(passthrough=passthrough)
+    tcp_transfer(pair, 16 << 20)
+    datagrams = [payload_bytes(1000, seed=i) for i in range(20)]
+    _send_udp_gso(pair, 4, datagrams, 1000)
+    b = pair.b.stats()
+    assert refusing.refused >= 2 and b.gro_refused == refusing.refused  # TCP and UDP, once each
+    assert b.gro_refused <= 2  # then that kind is not offered again
+    assert not gso_b._coalescer.tcp and not gso_b._coalescer.udp
+    assert b.dropped_write == 0
+    if passthrough:
+        assert b.gso_written == 0 and pair.a.stats().gso_read > 0
+    assert b.bytes_written > 16 << 20
+
+
+@pytest.mark.timeout(30)
+def test_refused_coalesced_batch_is_written_one_by_one(netns_factory: MakeNs) -> None:
+    h = NativeHarness(netns_factory("refuse"), offload=True)
+    try:
+        refusing = _refuse(h.tun, {GSO_TCPV4})
+        flow = Flow(src=h.PEER, dst=h.LOCAL, dport=9, sport=43000)
+        segs = flow.segments(payload_bytes(5000), 1000, seq=7, flags=ACK | PSH)
+        lone = h.packet(1, 300)
+        batch = [bytes(16) + p for p in [*segs, lone]]
+        assert h.tun.write(batch) == len(batch)
+        assert refusing.refused == 1
+        got = h.collect(len(batch), timeout=5)
+        assert sorted(got) == sorted([*segs, lone])
+        stats = h.tun.stats()
+        assert stats.gro_refused == 1 and stats.gro_coalesced == 0
+        assert stats.packets_written == len(batch) and stats.dropped_write == 0
+        # From now on TCP is written packet by packet without asking the kernel.
+        assert h.tun.write(batch) == len(batch)
+        assert refusing.refused == 1
+        assert sorted(h.collect(len(batch), timeout=5)) == sorted([*segs, lone])
+    finally:
+        h.close()
+
+
+@pytest.mark.timeout(30)
+def test_write_gso_splits_what_the_kernel_refuses(netns_factory: MakeNs) -> None:
+    h = NativeHarness(netns_factory("wgso"), offload=True)
+    try:
+        gso = _gso(h.tun)
+        refusing = _refuse(h.tun, {GSO_UDP_L4})
+        flow = Flow(proto=UDP, src=h.PEER, dst=h.LOCAL, sport=43001, dport=9)
+        payload = payload_bytes(3500)
+        superpkt = flow.super_packet(payload, 1000)
+        expected = flow.segments(payload, 1000)
+        single = vnet() + h.packet(2, 200)
+        assert gso.write_gso([bytes(6) + superpkt, bytes(6) + single]) == 2
+        got = h.collect(len(expected) + 1, timeout=5)
+        assert sorted(got) == sorted([*expected, single[10:]])
+        stats = h.tun.stats()
+        assert refusing.refused == 1 and stats.gro_refused == 1
+        assert stats.packets_written == len(expected) + 1 and stats.dropped_write == 0
+        # A malformed super-packet that the kernel refuses cannot be split: dropped, counted.
+        bad = bytearray(superpkt)
+        bad[10] = 0x75  # IP version 7
+        assert gso.write_gso([bytes(6) + bytes(bad)]) == 1
+        assert h.tun.stats().dropped_write == 1
+    finally:
+        h.close()
+
+
+# -- garbage from the kernel ---------------------------------------------------------
+
+_FLOWS = [
+    Flow(),
+    Flow.v6(),
+    Flow(proto=UDP),
+    Flow.v6(UDP),
+    Flow(tcp_options=b"\x01\x01\x08\x0a" + bytes(8)),
+]
+
+
+@st.composite
+def kernel_reads(draw: st.DrawFn) -> bytes:
+    """What a read of the device might return: real (super-)packets, damaged or not, or noise."""
+    kind = draw(st.sampled_from(["valid", "damaged", "header", "noise"]))
+    if kind == "noise":
+        return draw(st.binary(max_size=200))
+    flow = draw(st.sampled_from(_FLOWS))
+    payload = payload_bytes(draw(st.integers(0, 6000)))
+    gso_size = draw(st.integers(1, 1400))
+    data = bytearray(
+        flow.super_packet(payload, gso_size, seq=draw(st.integers(0, 2**32 - 1)))
+        if payload
+        else vnet() + flow.packet(b"")
+    )
+    if kind == "damaged":
+        for _ in range(draw(st.integers(1, 4))):
+            at = draw(st.integers(0, min(len(data) - 1, 120)))
+            data[at] = draw(st.integers(0, 255))
+        data = data[: draw(st.integers(0, len(data)))]
+    elif kind == "header":
+        data[:10] = vnet(
+            draw(st.integers(0, 3)),
+            draw(st.sampled_from([GSO_NONE, 1, 3, 4, 5, 0x81, 0x85, 2, 0x7F])),
+            draw(st.integers(0, 0xFFFF)),
+            draw(st.integers(0, 0xFFFF)),
+            draw(st.integers(0, 0xFFFF)),
+            draw(st.integers(0, 0xFFFF)),
+        )
+    return bytes(data)
+
+
+@pytest.fixture
+def offload_device(netns_factory: MakeNs) -> Iterator[GsoNativeTun]:
+    with create_tun(netns=netns_factory("garbage")) as tun:
+        yield _gso(tun)
+
+
+@pytest.mark.timeout(120)
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=kernel_reads())
+def test_garbage_from_the_kernel_is_dropped_and_counted(
+    offload_device: GsoNativeTun, data: bytes
+) -> None:
+    tun = offload_device
+    bufs = [bytearray(16 + 1500) for _ in range(128)]
+    sizes = [-1] * 128
+    before = tun.stats()
+    try:
+        n = tun._handle_kernel_packet(memoryview(data), bufs, sizes, 16)
+    except TooManySegmentsError:
+        assert tun.stats() == before  # nothing stored, nothing counted: read() decides
+        return
+    after = tun.stats()
+    drops = (after.dropped_malformed - before.dropped_malformed) + (
+        after.dropped_too_big - before.dropped_too_big
+    )
+    if n == 0:
+        assert drops == 1
+        assert after.packets_read == before.packets_read
+    else:
+        assert drops == 0
+        assert after.packets_read == before.packets_read + n
+        assert all(0 < sizes[i] <= 1500 for i in range(n))
+        assert sizes[n:] == [-1] * (128 - n)
+
+
+@pytest.mark.timeout(60)
+def test_a_device_that_dropped_garbage_still_reads(netns_factory: MakeNs) -> None:
+    h = NativeHarness(netns_factory("still"), offload=True)
+    try:
+        tun = _gso(h.tun)
+        bufs = [bytearray(16 + 1500) for _ in range(128)]
+        sizes = [0] * 128
+        for junk in (
+            b"",
+            bytes(5),
+            vnet(0, 0x7F) + bytes(40),
+            vnet(0, GSO_TCPV4, 0, 0) + bytes(60),
+        ):
+            assert tun._handle_kernel_packet(memoryview(junk), bufs, sizes, 16) == 0
+        # A super-packet of more segments than buffers: dropped by read() and counted.
+        flow = Flow()
+        with pytest.raises(TooManySegmentsError):
+            tun._handle_kernel_packet(
+                memoryview(flow.super_packet(payload_bytes(200 * 8), 8)), bufs, sizes, 16
+            )
+        assert tun.stats().dropped_malformed == 4
+        packets = [h.packet(i, 100 + i) for i in range(3)]
+        h.inject(packets)
+        got: list[bytes] = []
+        while len(got) < 3:
+            n = tun.read(bufs, sizes)
+            got += [bytes(bufs[i][16 : 16 + sizes[i]]) for i in range(n)]
+        assert got == packets
+    finally:
+        h.close()
+
+
+# -- read(): several kernel packets per call, one kept for the next ---------------------
+
+
+class _Scripted:
+    """Stands in for a device's descriptor on the read side: returns scripted kernel reads."""
+
+    def __init__(self, inner: object, reads: list[bytes | OSError]) -> None:
+        self._inner = inner
+        self.reads = reads
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def readv_locked(self, bufs: Sequence[Any]) -> int:
+        n = self.try_readv_locked(bufs)
+        assert n >= 0, "a blocking read with nothing scripted"
+        return n
+
+    def try_readv_locked(self, bufs: Sequence[Any]) -> int:
+        if not self.reads:
+            return -1
+        item = self.reads.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        memoryview(bufs[0])[: len(item)] = item
+        return len(item)
+
+
+@pytest.mark.timeout(30)
+def test_read_takes_what_is_waiting_and_keeps_the_rest(offload_device: GsoNativeTun) -> None:
+    tun = offload_device
+    flow = Flow()
+    big = flow.super_packet(payload_bytes(100 * 100), 100)  # 100 segments
+    small = [vnet() + flow.packet(payload_bytes(50, seed=i), seq=i) for i in range(3)]
+    failure = OSError(errno.EIO, "scripted")
+    tun._fd = _Scripted(tun._fd, [small[0], small[1], big, small[2], failure])  # type: ignore[assignment]
+    bufs = [bytearray(16 + 1500) for _ in range(128)]
+    sizes = [0] * 128
+    # One call takes all four kernel reads (1 + 1 + 100 + 1 packets), and
+    # keeps the error that came after them for the next call.
+    assert tun.read(bufs, sizes) == 103
+    got = [bytes(bufs[i][16 : 16 + sizes[i]]) for i in range(103)]
+    assert got == [
+        small[0][10:],
+        small[1][10:],
+        *flow.segments(payload_bytes(100 * 100), 100),
+        small[2][10:],
+    ]
+    with pytest.raises(OSError, match="scripted"):
+        tun.read(bufs, sizes)
+    stats = tun.stats()
+    assert stats.gso_split == 1 and stats.packets_read == 103
+
+
+@pytest.mark.timeout(30)
+def test_read_keeps_a_super_packet_that_does_not_fit_the_rest(
+    offload_device: GsoNativeTun,
+) -> None:
+    tun = offload_device
+    flow = Flow()
+    big = flow.super_packet(payload_bytes(100 * 100), 100)  # 100 segments
+    tun._fd = _Scripted(tun._fd, [big, big])  # type: ignore[assignment]
+    bufs = [bytearray(16 + 1500) for _ in range(128)]
+    sizes = [0] * 128
+    expected = flow.segments(payload_bytes(100 * 100), 100)
+    for _ in range(2):  # 100 + 100 > 128: the second waits for the next call, whole
+        assert tun.read(bufs, sizes) == 100
+        assert [bytes(bufs[i][16 : 16 + sizes[i]]) for i in range(100)] == expected
+    assert tun.stats().dropped_too_big == 0
+
+
+# -- the pure header check of read_gso/write_gso ------------------------------------
+
+
+def test_gso_segments_counts_what_split_makes() -> None:
+    for flow in _FLOWS:
+        for size, gso_size in ((0, 100), (1, 100), (999, 100), (1000, 100), (5000, 1448)):
+            data = (
+                flow.super_packet(payload_bytes(size), gso_size)
+                if size
+                else vnet() + flow.packet(b"")
+            )
+            segments, hdr_len = gso_segments(memoryview(data))
+            expected = flow.segments(payload_bytes(size), gso_size) if size else [data[10:]]
+            assert segments == len(expected)
+            assert hdr_len == (flow.hdr_len if size else 0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=kernel_reads())
+def test_gso_segments_never_raises_and_agrees_with_split(data: bytes) -> None:
+    segments, hdr_len = gso_segments(memoryview(data))
+    assert segments >= 0 and hdr_len >= 0
+    if segments == 0:
+        return
+    bufs = [bytearray(65535) for _ in range(segments)]
+    sizes = [0] * segments
+    try:
+        n = split(memoryview(data), bufs, sizes, 0)
+    except _Malformed:
+        return  # split may check more (a partial checksum's place in a GSO_NONE packet)
+    assert n == segments
+
+
+def test_tcp_flow_helpers_agree() -> None:
+    # A guard on the test's own assumptions: TCP is 6, the helpers build TCPv4 TSO by default.
+    assert TCP == 6 and Flow().gso_type() == GSO_TCPV4
