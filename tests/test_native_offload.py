@@ -12,9 +12,12 @@ counted without stopping the device.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,8 +29,19 @@ from netns_util import NativeHarness, Pair, netns_factory, ns_socket, root, tcp_
 from packets import ACK, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, PSH, TCP, UDP, Flow, payload_bytes, vnet
 
 from tunkit import GsoTun, OffsetError, TooManySegmentsError
-from tunkit._linux.constants import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6
-from tunkit._linux.device import GsoNativeTun, NativeTun, create_tun
+from tunkit._linux import netns as tk_netns
+from tunkit._linux.constants import (
+    IFF_NO_PI,
+    IFF_TUN,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_USO4,
+    TUN_F_USO6,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+)
+from tunkit._linux.device import GsoNativeTun, NativeTun, create_tun, open_tun
 from tunkit._linux.vnet import gso_segments
 from tunkit._offload import _Malformed, split
 
@@ -550,3 +564,42 @@ def test_gso_segments_never_raises_and_agrees_with_split(data: bytes) -> None:
 def test_tcp_flow_helpers_agree() -> None:
     # A guard on the test's own assumptions: TCP is 6, the helpers build TCPv4 TSO by default.
     assert TCP == 6 and Flow().gso_type() == GSO_TCPV4
+
+
+# -- without the virtio header, no super-packets -------------------------------------
+
+SIOCETHTOOL = 0x8946  # <linux/sockios.h>
+ETHTOOL_GTSO = 0x1E  # <linux/ethtool.h>: get TCP segmentation offload (struct ethtool_value)
+
+
+def _tso_on(ns: str, name: str) -> bool:
+    """Ask the kernel (SIOCETHTOOL) whether TSO is on for device *name* in *ns*."""
+    value = ctypes.create_string_buffer(struct.pack("=II", ETHTOOL_GTSO, 0))
+    ifreq = struct.pack("@16sP", name.encode(), ctypes.addressof(value)).ljust(40, b"\0")
+    sock = ns_socket(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+    finally:
+        sock.close()
+    return bool(struct.unpack_from("=II", value.raw)[1])
+
+
+@pytest.mark.timeout(30)
+def test_without_offload_the_kernel_segments_itself(netns_factory: MakeNs) -> None:
+    ns = netns_factory("notso")
+    with create_tun("tkoff0", netns=ns) as on, create_tun("tkoff1", netns=ns, offload=False) as off:
+        assert _tso_on(ns, on.name()) and not _tso_on(ns, off.name())
+    # A descriptor whose earlier owner asked for TSO without the virtio header:
+    # open_tun switches it off, or the kernel would hand over 64 KB packets bare.
+    with tk_netns.inside(ns):
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", b"tkoff2", IFF_TUN | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+        assert _tso_on(ns, "tkoff2")
+    except BaseException:
+        os.close(fd)
+        raise
+    with open_tun(fd, netns=ns) as tun:
+        assert not tun.offload and not isinstance(tun, GsoTun)
+        assert not _tso_on(ns, "tkoff2")
