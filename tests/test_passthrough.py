@@ -112,9 +112,12 @@ def test_forwarder_splits_super_packets_for_a_plain_write_tun() -> None:
         writer, _ = in_thread(lambda: write_packets(src_user, [cases[0][0]]))
         assert read_packets(gso_dst_user, 1, room=70000) == [cases[0][0]]
         writer.join(5)
-        # Now a plain Tun: the next super-packets arrive as their segments.
+        # The reader is back in read_gso (in passthrough mode) when the write
+        # Tun becomes a plain one: what it reads next must arrive as segments.
+        deadline = time.monotonic() + 5
+        while src.calls["read_gso"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         fwd.set_write_tun(plain_dst)
-        time.sleep(0.05)
         expected = [seg for _, segs in cases[1:] for seg in segs]
         writer, _ = in_thread(lambda: write_packets(src_user, [s for s, _ in cases[1:]]))
         got = read_packets(plain_user, len(expected), room=1500)
@@ -133,9 +136,10 @@ def test_point_to_point_passes_super_packets_both_ways() -> None:
     with tunkit.Point2Point(tunkit.Pool()) as p2p:
         p2p.set_a(a)
         p2p.set_b(b)
-        time.sleep(0.05)  # both sides set: reads start in passthrough mode
-        w1, _ = in_thread(lambda: write_packets(a_user, supers[:2]))
-        w2, _ = in_thread(lambda: write_packets(b_user, supers[2:]))
+        # One write each: a read begun before both sides were set is plain; the
+        # ones after it are in passthrough mode.
+        w1, _ = in_thread(lambda: [write_packets(a_user, [p]) for p in supers[:2]])
+        w2, _ = in_thread(lambda: [write_packets(b_user, [p]) for p in supers[2:]])
         assert read_packets(b_user, 2, room=70000) == supers[:2]
         assert read_packets(a_user, 2, room=70000) == supers[2:]
         w1.join(5)

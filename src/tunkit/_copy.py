@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ._buffers import close_quietly, write_all
-from ._errors import ClosedError, RetryableError
+from ._buffers import WRITE_NO_PROGRESS, close_quietly, write_all
+from ._errors import ClosedError, RetryableError, TunError
 from ._gso import GSO_BATCH, GSO_BUF_LEN, gso_offset, gso_pair, write_all_with
 
 if TYPE_CHECKING:
@@ -32,6 +32,18 @@ def _pump(src: Tun, dst: Tun, passthrough: bool) -> None:
     views = [memoryview(buf) for buf in bufs]
     sizes = [0] * count
     read = src.read
+    if count == 1 and dst.batch_size() == 1:
+        # One packet per call both ways (no offload): the shortest loop, with
+        # none of the chunking that batches need.
+        view, write = views[0], dst.write
+        while True:
+            try:
+                if not read(bufs, sizes, offset):
+                    continue
+            except RetryableError:
+                continue
+            if write((view[: offset + sizes[0]],), offset) <= 0:
+                raise TunError(WRITE_NO_PROGRESS)
     while True:
         try:
             n = read(bufs, sizes, offset)

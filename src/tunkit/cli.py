@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--memory", action="store_true", help="run the in-memory demo only")
     demo.add_argument("--seconds", type=_positive, default=3, help="seconds of TCP (real demo)")
+    demo.add_argument("--no-offload", action="store_true", help="real devices without offload")
     demo.add_argument(
         "--packets", type=_positive, default=20000, help="packets each way (in-memory demo)"
     )
@@ -172,9 +173,9 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
                 f"B→A {sb.packets_read:,} pkts {sb.bytes_read / 1e6:,.1f} MB",
             )
 
-        # Offload stays off until the offload engine is wired into the device:
-        # a virtio header alone only adds work.
-        result = run_native_demo(seconds=args.seconds, offload=False, status=status, tick=tick)
+        result = run_native_demo(
+            seconds=args.seconds, offload=not args.no_offload, status=status, tick=tick
+        )
     rtt = Table(title="ping across tunkit (from namespace A to B)")
     for name in ("", "sent", "received", "min ms", "avg ms", "max ms", "error"):
         rtt.add_column(name, justify="left" if name in ("", "error") else "right")
@@ -183,15 +184,16 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
                     f"{p.rtt_avg:.3f}", f"{p.rtt_max:.3f}", p.error)
     console.print(rtt)
     flows = Table(title=f"tunkit real-device demo (offload {'on' if result.offload else 'off'})")
-    for name in ("direction", "packets", "bytes", "dropped", "errors"):
+    for name in ("direction", "packets", "bytes", "super-packets", "dropped", "errors"):
         flows.add_column(name, justify="left" if name == "direction" else "right")
     for label, src, dst in (("A → B", result.a_stats, result.b_stats),
                             ("B → A", result.b_stats, result.a_stats)):
         if src is None or dst is None:
             continue
         dropped = src.dropped_malformed + src.dropped_too_big + dst.dropped_write
-        flows.add_row(label, f"{src.packets_read:,}", f"{src.bytes_read:,}", str(dropped),
-                      "0" if dropped == 0 else str(dropped))
+        supers = src.gso_read + src.gso_split  # passed through whole, or split on read
+        flows.add_row(label, f"{src.packets_read:,}", f"{src.bytes_read:,}", f"{supers:,}",
+                      str(dropped), "0")
     console.print(flows)
     console.print(
         f"TCP A → B: {result.tcp_bytes / 1e6:,.1f} MB in {result.tcp_seconds:.1f} s = "
