@@ -136,3 +136,12 @@ def test_bridge_names_a_missing_device(netns_factory: Callable[[str], str]) -> N
     assert proc.returncode == 2
     assert "no TUN device named 'nope0'" in proc.stderr and "--create" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_refuses_an_output_folder_that_is_missing_before_measuring(option: str) -> None:
+    proc = subprocess.run([*TUNKIT, "bench", option, "/nonexistent-tunkit/out.x"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    expected = f"{option} /nonexistent-tunkit/out.x: the folder '/nonexistent-tunkit'"
+    assert proc.stderr.strip() == f"tunkit: {expected} does not exist"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -75,6 +76,11 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
     """Run ``tunkit bench`` with parsed *args*; return the exit status."""
     if args.plot:
         _check_plot_support()
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        # Found out before minutes of measuring, not after.
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            folder = os.path.dirname(path)
+            raise UsageError(f"{option} {path}: the folder {folder!r} does not exist")
     setups = tuple(s for s in SETUPS if not (args.no_offload and s in ("tunkit", "tunkit-split")))
     total = len(setups) * args.seconds
     results: list[BenchResult] = []
@@ -115,11 +121,12 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
     by_ratio = ratios(results)
     table = Table(title=f"pair-load: {args.streams} TCP stream(s), {args.seconds:g} s each, "
                         f"via {args.via}")
-    for col in ("setup", "Gbit/s", "x naive", "x veth", "retransmits", "gso split",
-                "gro coalesced", "error"):
+    for col in ("setup", "Gbit/s", "x naive", "x veth", "retransmits", "gso whole",
+                "gso split", "gro coalesced", "error"):
         table.add_column(col, justify="left" if col in ("setup", "error") else "right")
     for r in results:
         rr = by_ratio.get(r.name, {})
+        whole = sum(s.get("gso_read", 0) for s in r.stats.values())
         split = sum(s.get("gso_split", 0) for s in r.stats.values())
         coalesced = sum(s.get("gro_coalesced", 0) for s in r.stats.values())
         table.add_row(
@@ -127,6 +134,7 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
             f"{rr['naive']:.2f}" if "naive" in rr else "-",
             f"{rr['veth']:.2f}" if "veth" in rr else "-",
             str(r.retransmits),
+            f"{whole:,}" if r.stats else "-",
             f"{split:,}" if r.stats else "-",
             f"{coalesced:,}" if r.stats else "-",
             r.error,
