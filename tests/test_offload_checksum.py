@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import struct
-import sys
-from collections.abc import Iterator
 
 import pytest
+from engines import engine_fixture
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import slow_checksum, slow_ones_sum, slow_pseudo_header
 
-from tunkit._offload._impl import NATIVE, PURE, REASON, Engine
 from tunkit._offload.checksum import (
     checksum,
     fold,
@@ -22,29 +20,7 @@ from tunkit._offload.checksum import (
     update16,
 )
 
-# One behaviour, two implementations: every test of this module runs once on
-# the pure-Python engine and once on the C extension (tunkit._speedups). The
-# module-scoped fixture rebinds the names the tests call (``ones_sum``,
-# ``checksum``, ``pseudo_sum``, ``update16``), so helpers and tests alike use
-# the engine of the current run.
-ENGINES = [
-    pytest.param(PURE, id="pure"),
-    pytest.param(
-        NATIVE,
-        id="native",
-        marks=[] if NATIVE else [pytest.mark.skip(reason=f"no C extension: {REASON}")],
-    ),
-]
-
-
-@pytest.fixture(scope="module", autouse=True, params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    """Run the module's tests on one implementation of the offload engine."""
-    impl: Engine = request.param
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("ones_sum", "checksum", "pseudo_sum", "update16"):
-            mp.setattr(sys.modules[__name__], name, getattr(impl, name))
-        yield impl
+engine = engine_fixture(__name__, "ones_sum", "checksum", "pseudo_sum", "update16")
 
 
 @given(data=st.binary(max_size=3000), initial=st.integers(0, 0xFFFF))

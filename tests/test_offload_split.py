@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import struct
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from engines import engine_fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracles import ip4_header_ok, l4_checksum_ok, slow_ones_sum
@@ -40,30 +39,8 @@ from scapy.layers.inet6 import IPv6
 
 from tunkit._errors import TooManySegmentsError
 from tunkit._offload import _Malformed, _TooBig, split
-from tunkit._offload._impl import NATIVE, PURE, REASON, Engine
 
-# One behaviour, two implementations: every test of this module runs once on
-# the pure-Python engine and once on the C extension (tunkit._speedups). The
-# module-scoped fixture rebinds the names the tests call (``split``), so helpers
-# and tests alike use the engine of the current run.
-ENGINES = [
-    pytest.param(PURE, id="pure"),
-    pytest.param(
-        NATIVE,
-        id="native",
-        marks=[] if NATIVE else [pytest.mark.skip(reason=f"no C extension: {REASON}")],
-    ),
-]
-
-
-@pytest.fixture(scope="module", autouse=True, params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    """Run the module's tests on one implementation of the offload engine."""
-    impl: Engine = request.param
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("split",):
-            mp.setattr(sys.modules[__name__], name, getattr(impl, name))
-        yield impl
+engine = engine_fixture(__name__, "split")
 
 
 OFFSET = 16
