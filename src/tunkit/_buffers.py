@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ._errors import OffsetError, TunError
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from ._tun import Tun
 
-__all__ = ["check_offset", "close_quietly", "write_all"]
+__all__ = ["check_offset", "close_quietly", "write_all", "write_all_with"]
 
 WRITE_NO_PROGRESS: str = "tun: write made no progress"
 
@@ -31,13 +31,24 @@ def write_all(tun: Tun, bufs: Sequence[ReadableBuffer], offset: int) -> None:
     Raises:
         TunError: a write returned 0 (no progress) instead of spinning.
     """
-    batch = max(tun.batch_size(), 1)
-    total = len(bufs)
+    write_all_with(tun.write, max(tun.batch_size(), 1), bufs, offset)
+
+
+def write_all_with(
+    write: Callable[[Sequence[ReadableBuffer], int], int],
+    batch: int,
+    bufs: Sequence[ReadableBuffer],
+    offset: int,
+) -> None:
+    """Write all of *bufs* with *write* (``write`` or ``write_gso``), *batch* at a time.
+
+    Raises:
+        TunError: a write returned 0 (no progress) instead of spinning.
+    """
     done = 0
+    total = len(bufs)
     while done < total:
-        end = min(done + batch, total)
-        chunk = bufs[done:end]
-        n = tun.write(chunk, offset)
+        n = write(bufs[done : min(done + batch, total)], offset)
         if n <= 0:
             raise TunError(WRITE_NO_PROGRESS)
         done += n

@@ -13,6 +13,10 @@ from ._pool import BufferPool, get_buffer, put_buffer
 from ._tun import GsoTun
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from _typeshed import ReadableBuffer
+
     from ._tun import Tun
 
 __all__ = ["Forwarder", "Point2Point"]
@@ -210,12 +214,7 @@ class Forwarder:
                     if len(self._queue) == 1:
                         changed.notify_all()  # the writer may be waiting for work
             if inline is not None:
-                finished = self._deliver(inline, batch)
-                with self._lock:
-                    self._writing = False
-                    if not finished:
-                        self._queue.appendleft(batch)  # the rest goes to the new write Tun
-                    changed.notify_all()
+                self._deliver(inline, batch)
 
     def _drop_read(self, tun: Tun) -> None:
         """Close *tun* after it failed; wait for a new one unless it was already swapped."""
@@ -240,14 +239,22 @@ class Forwarder:
                 self._writing = True
                 if len(self._queue) == _QUEUE_DEPTH - 1:
                     changed.notify_all()  # the reader may be waiting for room
-            finished = self._deliver(tun, batch)
-            with self._lock:
-                self._writing = False
-                if not finished:
-                    self._queue.appendleft(batch)  # the rest goes to the new write Tun
-                changed.notify_all()
+            self._deliver(tun, batch)
 
-    def _deliver(self, tun: Tun, batch: _Batch) -> bool:
+    def _deliver(self, tun: Tun, batch: _Batch) -> None:
+        """Write *batch* to *tun* holding the writing turn (``_writing``), then give it back.
+
+        The reader (inline) and the writer both end a write here; a batch cut
+        short because *tun* was swapped out goes back to the queue's front.
+        """
+        finished = self._write_or_drop(tun, batch)
+        with self._lock:
+            self._writing = False
+            if not finished:
+                self._queue.appendleft(batch)  # the rest goes to the new write Tun
+            self._changed.notify_all()
+
+    def _write_or_drop(self, tun: Tun, batch: _Batch) -> bool:
         """Write *batch* to *tun*; return False when it must go on to a swapped-in Tun.
 
         A write error closes *tun* and drops the batch; a ``ClosedError``
@@ -292,12 +299,7 @@ class Forwarder:
                 bufs[i] = buf
                 views.append(memoryview(buf))
             batch.offset = mwo
-        while batch.done < n:
-            end = min(batch.done + chunk, n)
-            written = tun.write(views[batch.done : end], offset)
-            if written <= 0:
-                raise TunError(WRITE_NO_PROGRESS)
-            batch.done += written
+        _write_tracked(tun.write, chunk, views, offset, batch)
 
     def _write_gso(self, tun: Tun, batch: _Batch) -> None:
         """Write a batch of super-packets: whole when *tun* takes them, else split."""
@@ -307,14 +309,9 @@ class Forwarder:
             isinstance(tun, GsoTun) and tun.mtu() >= batch.gso_mtu and offset >= tun.mwo()
         )
         if whole:
-            write = tun.write_gso  # type: ignore[attr-defined]
-            chunk = max(tun.batch_size(), 1)
             views = [memoryview(bufs[i])[: offset + sizes[i]] for i in range(n)]
-            while batch.done < n:
-                written = write(views[batch.done : min(batch.done + chunk, n)], offset)
-                if written <= 0:
-                    raise TunError(WRITE_NO_PROGRESS)
-                batch.done += written
+            write_gso = tun.write_gso  # type: ignore[attr-defined]
+            _write_tracked(write_gso, max(tun.batch_size(), 1), views, offset, batch)
             return
         # The write Tun changed to one that cannot take super-packets: split each
         # one into plain packets behind the headroom it needs.
@@ -326,6 +323,29 @@ class Forwarder:
             pairs = zip(segments, seg_sizes, strict=True)
             write_all(tun, [memoryview(seg)[: headroom + k] for seg, k in pairs], headroom)
             batch.done += 1
+
+
+def _write_tracked(
+    write: Callable[[Sequence[ReadableBuffer], int], int],
+    chunk: int,
+    views: Sequence[ReadableBuffer],
+    offset: int,
+    batch: _Batch,
+) -> None:
+    """Write ``views[batch.done:]`` *chunk* at a time, recording progress in ``batch.done``.
+
+    Unlike ``write_all``, progress survives an exception: a write Tun swapped
+    out mid-batch leaves the rest for the next one.
+
+    Raises:
+        TunError: a write made no progress.
+    """
+    n = len(views)
+    while batch.done < n:
+        written = write(views[batch.done : min(batch.done + chunk, n)], offset)
+        if written <= 0:
+            raise TunError(WRITE_NO_PROGRESS)
+        batch.done += written
 
 
 class Point2Point:

@@ -7,15 +7,13 @@ and up to 64 KB of one TCP or UDP flow at ``buf[offset:]``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
-from ._buffers import WRITE_NO_PROGRESS
-from ._errors import TooManySegmentsError, TunError
+from ._errors import TooManySegmentsError
+from ._offload.headers import VNET_HDR_LEN
 from ._tun import GsoTun
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
 
     from ._tun import Tun
 
@@ -26,10 +24,8 @@ __all__ = [
     "gso_offset",
     "gso_pair",
     "split_for",
-    "write_all_with",
 ]
 
-VNET_HDR_LEN: Final = 10  # struct virtio_net_hdr, <linux/virtio_net.h>
 # Room for the largest IP packet (a 64 KB super-packet) behind the headroom.
 GSO_BUF_LEN: Final = 65535
 # Super-packets read per call: each is one system call of up to 64 KB, so a
@@ -51,26 +47,6 @@ def gso_pair(src: object, dst: object) -> bool:
 def gso_offset(src: Tun, dst: Tun | None) -> int:
     """The read offset for super-packets: room for the header and both ends' minimums."""
     return max(VNET_HDR_LEN, src.mro(), dst.mwo() if dst is not None else 0)
-
-
-def write_all_with(
-    write: Callable[[Sequence[ReadableBuffer], int], int],
-    batch: int,
-    bufs: Sequence[ReadableBuffer],
-    offset: int,
-) -> None:
-    """Write all of *bufs* with *write*, *batch* at a time, looping on partial writes.
-
-    Raises:
-        TunError: a write made no progress.
-    """
-    done = 0
-    total = len(bufs)
-    while done < total:
-        n = write(bufs[done : min(done + batch, total)], offset)
-        if n <= 0:
-            raise TunError(WRITE_NO_PROGRESS)
-        done += n
 
 
 def split_for(dst: Tun, packet: memoryview, offset: int) -> tuple[list[bytearray], list[int]]:

@@ -12,9 +12,9 @@ uses it; it reads the offload engine's header layouts.
 
 from __future__ import annotations
 
-import struct
 from typing import Final
 
+from .._offload.headers import _VNET_HDR as VNET_HDR  # struct virtio_net_hdr
 from .._offload.headers import (
     IP4_MIN_HDR_LEN,
     IP4_PROTOCOL,
@@ -43,8 +43,6 @@ from .._offload.headers import (
 
 __all__ = ["VNET_HDR", "gso_segments"]
 
-# struct virtio_net_hdr, <linux/virtio_net.h>: host byte order on a TUN device.
-VNET_HDR: Final = struct.Struct("=BBHHHH")
 
 # gso_type (ECN bit off) -> (IP version it needs, 0 for either; transport protocol)
 _GSO_KINDS: Final = {
