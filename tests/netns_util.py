@@ -28,8 +28,10 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 import tunkit
+from tunkit._linux import device as tk_device
 from tunkit._linux import netns as tk_netns
 from tunkit._linux.device import NativeTun, create_tun
+from tunkit._offload import _impl as tk_impl
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -69,6 +71,47 @@ def need_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "c",
+            marks=[]
+            if tk_device.PACKET_IO
+            else [pytest.mark.skip(reason=f"no C extension: {tk_impl.REASON}")],
+        ),
+        "pure",
+    ]
+)
+def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test twice: devices without offload made in it use the C extension's
+    PacketIo for read and write ("c"), then os.readv/os.write ("pure")."""
+    if request.param == "pure":
+        monkeypatch.setattr(tk_device, "_packet_io", None)
+    path: str = request.param
+    return path
+
+
+# Devices for tests that run on each: with offload, and without it on each
+# read/write path (see io_path).
+DEVICE_KINDS = [
+    pytest.param(
+        "plain",
+        marks=[]
+        if tk_device.PACKET_IO
+        else [pytest.mark.skip(reason=f"no C extension: {tk_impl.REASON}")],
+    ),
+    "plain-pure",
+    "vnet",
+]
+
+
+def device_kind(kind: str, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Set up for a device of *kind* (one of DEVICE_KINDS); return its ``offload``."""
+    if kind == "plain-pure":
+        monkeypatch.setattr(tk_device, "_packet_io", None)
+    return kind == "vnet"
 
 
 @pytest.fixture
@@ -265,6 +308,23 @@ class Pair:
 
         self._copy = threading.Thread(target=run, name="test-copy")
         self._copy.start()
+
+    def settled_stats(self, timeout: float = 5.0) -> tuple[tunkit.TunStats, tunkit.TunStats]:
+        """``a.stats(), b.stats()`` once neither has changed for 50 ms.
+
+        A receiver can hold the last packet while the copy thread, still in
+        the write that carried it, has not counted it yet: read the counters
+        when the copy is done with what the test sent.
+        """
+        deadline = time.monotonic() + timeout
+        last = self.a.stats(), self.b.stats()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.a.stats(), self.b.stats()
+            if now == last:
+                break
+            last = now
+        return last
 
     def close(self) -> None:
         self.a.close()

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from conformance import Harness, TunConformance
-from netns_util import NativeHarness, netns_factory, ns_run, root  # noqa: F401
+from netns_util import NativeHarness, io_path, netns_factory, ns_run, root  # noqa: F401
 
 from tunkit import ClosedError, Event, GsoTun, OffsetError, Tun
 from tunkit._linux import netns as tk_netns
@@ -42,7 +42,7 @@ class TestNativeConformance(TunConformance):
     """The Tun conformance suite on a device in a namespace (raw socket in, AF_PACKET out)."""
 
     @pytest.fixture
-    def harness(self, netns_factory: MakeNs) -> Iterator[Harness]:
+    def harness(self, netns_factory: MakeNs, io_path: str) -> Iterator[Harness]:
         h = NativeHarness(netns_factory("conf"))
         try:
             yield h
@@ -50,7 +50,7 @@ class TestNativeConformance(TunConformance):
             h.close()
 
 
-def test_harness_round_trip(netns_factory: MakeNs) -> None:
+def test_harness_round_trip(netns_factory: MakeNs, io_path: str) -> None:
     """The harness itself: injected bytes are read unchanged, written bytes are seen."""
     h = NativeHarness(netns_factory("harness"))
     try:
@@ -166,7 +166,7 @@ def test_configuration_over_netlink(netns_factory: MakeNs) -> None:
         tun.up()
 
 
-def test_read_and_write_argument_checks(netns_factory: MakeNs) -> None:
+def test_read_and_write_argument_checks(netns_factory: MakeNs, io_path: str) -> None:
     with create_tun(netns=netns_factory("args"), offload=False) as tun:
         with pytest.raises(OffsetError, match="below mro"):
             tun.read([bytearray(2000)], [0], 15)
@@ -178,7 +178,9 @@ def test_read_and_write_argument_checks(netns_factory: MakeNs) -> None:
             tun.read([bytearray(2000)], [], 16)
 
 
-def test_written_packets_are_dropped_and_counted_while_down(netns_factory: MakeNs) -> None:
+def test_written_packets_are_dropped_and_counted_while_down(
+    netns_factory: MakeNs, io_path: str
+) -> None:
     h = NativeHarness(netns_factory("down"))
     try:
         h.tun.down()
@@ -308,7 +310,7 @@ def _tunsetiff(ns: str, name: str, flags: int) -> int:
     return fd
 
 
-def test_open_tun_wraps_a_descriptor_made_elsewhere(netns_factory: MakeNs) -> None:
+def test_open_tun_wraps_a_descriptor_made_elsewhere(netns_factory: MakeNs, io_path: str) -> None:
     ns = netns_factory("open")
     fd = _tunsetiff(ns, "tkopen0", IFF_TUN | IFF_NO_PI)
     tun = open_tun(fd, netns=ns)

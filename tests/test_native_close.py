@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
-from netns_util import NativeHarness, netns_factory, root  # noqa: F401
+from netns_util import (  # noqa: F401
+    DEVICE_KINDS,
+    NativeHarness,
+    device_kind,
+    netns_factory,
+    root,
+)
 
 from tunkit import ClosedError
+from tunkit._linux import device as tk_device
 from tunkit._linux.device import NativeTun, create_tun
 
 MakeNs = Callable[[str], str]
@@ -24,10 +32,12 @@ def _fds() -> int:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("offload", [False, True], ids=["plain", "vnet"])
-def test_close_wakes_a_blocked_read_within_100_ms(netns_factory: MakeNs, offload: bool) -> None:
+@pytest.mark.parametrize("kind", DEVICE_KINDS)
+def test_close_wakes_a_blocked_read_within_100_ms(
+    netns_factory: MakeNs, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ns = netns_factory("wake")
-    tun = create_tun(netns=ns, offload=offload)
+    tun = create_tun(netns=ns, offload=device_kind(kind, monkeypatch))
     raised_at: list[float] = []
     errors: list[BaseException] = []
 
@@ -103,13 +113,16 @@ def _race_round(tun: NativeTun, pkt: bytes, delay: float) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
-def test_reads_and_writes_racing_close(netns_factory: MakeNs, offload: bool) -> None:
+@pytest.mark.parametrize("kind", DEVICE_KINDS)
+def test_reads_and_writes_racing_close(
+    netns_factory: MakeNs, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each call completes or raises ClosedError, none hangs, none reaches a reused number."""
     h = NativeHarness(netns_factory("race"))
     h.close()  # only its namespace is wanted; each round makes its own device
     rng = random.Random(7)
     pkt = bytes(16) + h.packet(1, 200)
+    offload = device_kind(kind, monkeypatch)
     for _round in range(40):
         tun = create_tun(netns=h.ns, offload=offload)
         tun.add_address(f"{h.LOCAL}/24")
@@ -152,3 +165,29 @@ def test_200_create_close_cycles_leave_nothing(netns_factory: MakeNs) -> None:
         tun.close()
     assert _fds() == fds_before
     assert set(threading.enumerate()) == threads_before
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_handler_may_close_the_device_its_thread_reads(netns_factory: MakeNs) -> None:
+    """``signal.signal(SIGTERM, lambda *_: tun.close())`` around a blocked read (C path).
+
+    The C read waits without holding the read lock, and runs signal handlers
+    outside its count of calls in progress, so close() from a handler on the
+    reading thread itself does not wait for that thread.
+    """
+    if tk_device.PACKET_IO is None:
+        pytest.skip("needs the C extension (the pure read holds its lock while it waits)")
+    assert threading.current_thread() is threading.main_thread()
+    tun = create_tun(netns=netns_factory("signal"), offload=False)
+    old = signal.signal(signal.SIGUSR1, lambda *_: tun.close())
+    timer = threading.Timer(0.1, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
+    timer.start()
+    try:
+        with pytest.raises(ClosedError):
+            tun.read([bytearray(16 + 1500)], [0], 16)
+        assert tun.closed
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGUSR1, old)
+        tun.close()

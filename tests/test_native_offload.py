@@ -119,7 +119,7 @@ def test_tcp_200_mb_split_on_read_and_coalesced_on_write(make_pair: Callable[...
     pair.start_copy(passthrough=False)
     size = 200 << 20
     tcp_transfer(pair, size)
-    a, b = pair.a.stats(), pair.b.stats()
+    a, b = pair.settled_stats()
     assert a.gso_split > 0, a  # the sender's kernel handed over super-packets (TSO)
     assert b.gro_coalesced > 0, b  # and they went into b's kernel merged again (GRO)
     assert a.bytes_read > size and b.bytes_written > size
@@ -168,7 +168,7 @@ def test_tcp_through_read_gso_and_write_gso(make_pair: Callable[..., Pair]) -> N
     pair.start_copy(loop=_gso_copy)
     size = 64 << 20
     tcp_transfer(pair, size)
-    a, b = pair.a.stats(), pair.b.stats()
+    a, b = pair.settled_stats()
     assert a.gso_read > 0 and b.gso_written > 0  # super-packets crossed whole
     assert a.gso_split == 0 and b.gro_coalesced == 0  # nothing split or merged by tunkit
     assert a.bytes_read > size and b.bytes_written > size
@@ -224,7 +224,7 @@ def test_udp_gso_from_a_socket_arrives_as_its_datagrams(
         datagrams = [payload_bytes(gso_size, seed=round_ * 64 + i) for i in range(count - 1)]
         datagrams.append(payload_bytes(last, seed=99))
         _send_udp_gso(pair, version, datagrams, gso_size)
-    a, b = pair.a.stats(), pair.b.stats()
+    a, b = pair.settled_stats()
     if offload and passthrough:
         assert a.gso_read >= 3 and b.gso_written >= 3, (a, b)
     elif offload:

@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from netns_util import (  # noqa: F401
+    DEVICE_KINDS,
     Pair,
+    device_kind,
     need_tool,
     netns_factory,
     ns_run,
@@ -23,9 +25,12 @@ from netns_util import (  # noqa: F401
 MakeNs = Callable[[str], str]
 
 
-@pytest.fixture(params=[True, False], ids=["offload", "plain"])
-def pair(netns_factory: MakeNs, request: pytest.FixtureRequest) -> Iterator[Pair]:
-    p = Pair(netns_factory("a"), netns_factory("b"), offload=request.param)
+@pytest.fixture(params=DEVICE_KINDS)
+def pair(
+    netns_factory: MakeNs, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Pair]:
+    offload = device_kind(request.param, monkeypatch)
+    p = Pair(netns_factory("a"), netns_factory("b"), offload=offload)
     try:
         p.start_copy()
         yield p
@@ -44,7 +49,7 @@ def test_ping_both_ways(pair: Pair, version: int) -> None:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "3 received" in result.stdout
-    stats_a, stats_b = pair.a.stats(), pair.b.stats()
+    stats_a, stats_b = pair.settled_stats()
     assert stats_a.packets_read >= 6 and stats_b.packets_written >= 6
     assert stats_a.dropped_too_big == stats_b.dropped_too_big == 0
 

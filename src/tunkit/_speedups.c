@@ -1,12 +1,15 @@
 /*
- * tunkit._speedups: the hot kernels of the offload engine in plain C.
+ * tunkit._speedups: the hot kernels of the offload engine in plain C, and
+ * PacketIo, the per-packet system calls of a device without offload.
  *
- * One behaviour, two implementations: every function here does exactly what
+ * One behaviour, two implementations: every kernel here does exactly what
  * its pure-Python twin in tunkit/_offload/ does (checksum.py, split.py,
  * coalesce.py), byte for byte, with the same exceptions and messages; the
  * test suite runs on both and hypothesis compares them. Read the Python
  * modules for the why of each rule (RFC sections, kernel functions); this file
- * only says where C differs in how, not in what.
+ * only says where C differs in how, not in what. PacketIo's twin is the
+ * Python read and write of NativeTun (_linux/device.py); the device tests
+ * run on both (io_path).
  *
  * Buffers are taken with PyObject_GetBuffer (or as memoryviews that hold an
  * export), so no exporter can resize or free them; then the GIL is released
@@ -22,8 +25,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 /* Below this many bytes of work the GIL is kept: releasing and taking it
  * back costs more than the work, and may wait for another thread's switch
@@ -1528,6 +1538,305 @@ done:
 }
 
 /* ------------------------------------------------------------------------ */
+/* PacketIo: one packet to or from a TUN descriptor without offload          */
+/*
+ * A device without offload costs a system call per packet, so what Python
+ * runs around that call decides its speed (device.py, NativeTun.read and
+ * write). A PacketIo does the whole of one packet in one call that releases
+ * the GIL once: the system call, and on EAGAIN a poll() on the descriptor and
+ * on the wake-up eventfd that close() makes readable; it keeps the counters
+ * too. The calls return the byte count, or -errno, so that a refusal the
+ * caller drops and counts costs no exception; -EBADF once closing has begun.
+ *
+ * Python's per-direction locks are what keep a descriptor number from being
+ * closed under a system call elsewhere in device.py; here a count of calls in
+ * progress does it, at the cost of two atomic operations: a call counts
+ * itself in, then looks at `closing`; drain() sets `closing`, then waits for
+ * the count to reach zero (both sequentially consistent, so one of the two
+ * sees the other). After drain() no call touches the numbers again, and the
+ * owner may close them. The count is never held while Python code runs (a
+ * signal handler may call close()).
+ */
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    int wake;
+    atomic_int users;
+    atomic_int closing;
+    /* Counters: written with the GIL held, by the calls that own them. */
+    unsigned long long packets_read;
+    unsigned long long bytes_read;
+    unsigned long long too_big;
+    unsigned long long packets_written;
+    unsigned long long bytes_written;
+} packet_io_t;
+
+/* Count a call in; false (and not counted) once closing has begun. */
+static inline int
+io_enter(packet_io_t *self)
+{
+    atomic_fetch_add(&self->users, 1);
+    if (atomic_load(&self->closing)) {
+        atomic_fetch_sub(&self->users, 1);
+        return 0;
+    }
+    return 1;
+}
+
+static inline void
+io_leave(packet_io_t *self)
+{
+    atomic_fetch_sub(&self->users, 1);
+}
+
+/* Wait until fd has `events` or wake is readable: 0, or -errno (-EBADF: woken). */
+static Py_ssize_t
+wait_fd(int fd, int wake, short events)
+{
+    struct pollfd p[2] = {{fd, events, 0}, {wake, POLLIN, 0}};
+    if (poll(p, 2, -1) < 0) {
+        return -errno;
+    }
+    if (p[1].revents) {
+        return -EBADF;
+    }
+    return 0;
+}
+
+/* After a system call, with the GIL: count the call out; on -EINTR run the
+ * signal handlers (KeyboardInterrupt ends the call, as in os.read) outside
+ * the count, then count in again. 1: try again; 0: done (*n is the result);
+ * -1: raised. */
+static int
+io_settle(packet_io_t *self, Py_ssize_t *n)
+{
+    io_leave(self);
+    if (*n != -EINTR) {
+        return 0;
+    }
+    if (PyErr_CheckSignals() < 0) {
+        return -1;
+    }
+    if (!io_enter(self)) {
+        *n = -EBADF;
+        return 0;
+    }
+    return 1;
+}
+
+static int
+pio_init(packet_io_t *self, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"fd", "wake", NULL};
+    int fd, wake;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii:PacketIo", names, &fd, &wake)) {
+        return -1;
+    }
+    if (fd < 0 || wake < 0) {
+        PyErr_SetString(PyExc_ValueError, "PacketIo: negative descriptor");
+        return -1;
+    }
+    self->fd = fd;
+    self->wake = wake;
+    atomic_store(&self->users, 0);
+    atomic_store(&self->closing, 0);
+    return 0;
+}
+
+PyDoc_STRVAR(pio_read_doc,
+"read(buf, offset, overflow)\n--\n\n"
+"Read one packet into buf[offset:]; wait in poll() on the descriptor and the\n"
+"eventfd while none is ready. A packet longer than the room is read into\n"
+"overflow, counted (too_big) and dropped, and the read goes on. Return the\n"
+"packet's length, or -errno; -EBADF once closing has begun.");
+
+static PyObject *
+pio_read(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "read() takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer buf, over;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    if (offset < 0 || offset >= buf.len) {
+        PyErr_Format(PyExc_ValueError, "buffer of %zd bytes has no room after offset %zd",
+                     buf.len, offset);
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &over, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    struct iovec iov[2] = {{(char *)buf.buf + offset, (size_t)(buf.len - offset)},
+                           {over.buf, (size_t)over.len}};
+    Py_ssize_t room = buf.len - offset;
+    Py_ssize_t n = -EBADF;
+    unsigned long long too_big = 0;
+    int fd = self->fd, wake = self->wake;
+    int go = io_enter(self);
+    while (go > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        for (;;) {
+            n = readv(fd, iov, 2);
+            if (n > room) {
+                too_big++;
+                continue;
+            }
+            if (n >= 0) {
+                break;
+            }
+            n = -errno;
+            if (n != -EAGAIN) {
+                break;
+            }
+            n = wait_fd(fd, wake, POLLIN);
+            if (n < 0) {
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        go = io_settle(self, &n);
+    }
+    self->too_big += too_big;
+    if (n >= 0) {
+        self->packets_read++;
+        self->bytes_read += (unsigned long long)n;
+    }
+    PyBuffer_Release(&over);
+    PyBuffer_Release(&buf);
+    return go < 0 ? NULL : PyLong_FromSsize_t(n);
+}
+
+PyDoc_STRVAR(pio_write_doc,
+"write(buf, offset)\n--\n\n"
+"Write buf[offset:] as one packet (empty when offset is past the end); wait\n"
+"in poll() on the descriptor and the eventfd while the kernel is full.\n"
+"Return the bytes written, or -errno; -EBADF once closing has begun.");
+
+static PyObject *
+pio_write(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write() takes 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative offset");
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (offset > buf.len) {
+        offset = buf.len; /* an empty packet, as buf[offset:] is: the kernel's to refuse */
+    }
+    const char *pkt = (const char *)buf.buf + offset;
+    size_t len = (size_t)(buf.len - offset);
+    Py_ssize_t n = -EBADF;
+    int fd = self->fd, wake = self->wake;
+    int go = io_enter(self);
+    while (go > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        for (;;) {
+            n = write(fd, pkt, len);
+            if (n >= 0) {
+                break;
+            }
+            n = -errno;
+            if (n != -EAGAIN) {
+                break;
+            }
+            n = wait_fd(fd, wake, POLLOUT);
+            if (n < 0) {
+                break;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        go = io_settle(self, &n);
+    }
+    if (n >= 0) {
+        self->packets_written++;
+        self->bytes_written += (unsigned long long)n;
+    }
+    PyBuffer_Release(&buf);
+    return go < 0 ? NULL : PyLong_FromSsize_t(n);
+}
+
+PyDoc_STRVAR(pio_drain_doc,
+"drain()\n--\n\n"
+"Refuse new calls (they return -EBADF) and wait for those in progress to\n"
+"return; idempotent. Make the eventfd readable first, or a call waiting in\n"
+"poll() keeps this waiting.");
+
+static PyObject *
+pio_drain(packet_io_t *self, PyObject *Py_UNUSED(ignored))
+{
+    atomic_store(&self->closing, 1);
+    if (atomic_load(&self->users) == 0) {
+        Py_RETURN_NONE;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    while (atomic_load(&self->users) != 0) {
+        /* A call here has been woken and is on its way out: a few
+         * microseconds, so a short sleep rather than a condition variable. */
+        struct timespec ts = {0, 50 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(pio_counts_doc,
+"counts()\n--\n\n"
+"(packets_read, bytes_read, too_big, packets_written, bytes_written).");
+
+static PyObject *
+pio_counts(packet_io_t *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(KKKKK)", self->packets_read, self->bytes_read, self->too_big,
+                         self->packets_written, self->bytes_written);
+}
+
+static PyMethodDef pio_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))pio_read, METH_FASTCALL, pio_read_doc},
+    {"write", (PyCFunction)(void (*)(void))pio_write, METH_FASTCALL, pio_write_doc},
+    {"drain", (PyCFunction)pio_drain, METH_NOARGS, pio_drain_doc},
+    {"counts", (PyCFunction)pio_counts, METH_NOARGS, pio_counts_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(pio_doc,
+"PacketIo(fd, wake)\n--\n\n"
+"One packet per call to or from a non-blocking TUN descriptor *fd*, with\n"
+"the counters; *wake* is the eventfd that ends waits. Holds the numbers,\n"
+"never closes them: the owner does, after drain().");
+
+static PyTypeObject packet_io_type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tunkit._speedups.PacketIo",
+    .tp_basicsize = sizeof(packet_io_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = pio_doc,
+    .tp_methods = pio_methods,
+    .tp_init = (initproc)pio_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------------ */
 /* Module                                                                    */
 
 PyDoc_STRVAR(bind_doc,
@@ -1614,14 +1923,29 @@ mod_free(void *m)
     mod_clear((PyObject *)m);
 }
 
+static int
+mod_exec(PyObject *m)
+{
+    if (PyType_Ready(&packet_io_type) < 0) {
+        return -1;
+    }
+    Py_INCREF(&packet_io_type);
+    if (PyModule_AddObject(m, "PacketIo", (PyObject *)&packet_io_type) < 0) {
+        Py_DECREF(&packet_io_type);
+        return -1;
+    }
+    return 0;
+}
+
 static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, mod_exec},
     {0, NULL},
 };
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT,
     "tunkit._speedups",
-    "Native kernels of tunkit's offload engine: checksum, split, coalesce.",
+    "Native kernels of tunkit: checksum, split, coalesce; PacketIo for devices without offload.",
     sizeof(state_t),
     methods,
     slots,

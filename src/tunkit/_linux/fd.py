@@ -14,6 +14,8 @@ from .._errors import ClosedError
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
+    from .._offload._impl import PacketIoType
+
 __all__ = ["_Descriptor"]
 
 _POLL_ERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -40,6 +42,10 @@ class _Descriptor:
     lock, it tries the call, on ``BlockingIOError`` calls
     :meth:`wait_readable`/:meth:`wait_writable` and tries again, and passes
     any other ``OSError`` through :meth:`failure`.
+
+    With *packet_io* (the C extension's ``PacketIo``), :attr:`io` reads and
+    writes one packet per call without these locks; :meth:`close` then drains
+    it (refuses new calls, waits for those in progress) before it closes.
     """
 
     __slots__ = (
@@ -48,15 +54,21 @@ class _Descriptor:
         "_read_lock",
         "_read_poll",
         "_state_lock",
-        "_wake",
         "_write_lock",
         "_write_poll",
         "fd",
+        "io",
+        "wake_fd",
     )
 
-    def __init__(self, fd: int, label: str = "device") -> None:
+    def __init__(
+        self, fd: int, label: str = "device", packet_io: PacketIoType | None = None
+    ) -> None:
         os.set_blocking(fd, False)
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        # Made readable for good by close(): every poll() on it returns. A
+        # caller that waits in its own poll() (the C I/O of device.py)
+        # includes it, under the direction's lock, as fd.
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         # The descriptor number, -1 once closed: closed under both direction
         # locks, so a holder of either lock sees a number that is still ours
         # (a late call gets EBADF from -1, never another file's number).
@@ -69,10 +81,13 @@ class _Descriptor:
         # One poll object per direction, guarded by that direction's lock.
         self._read_poll = select.poll()
         self._read_poll.register(fd, select.POLLIN)
-        self._read_poll.register(self._wake, select.POLLIN)
+        self._read_poll.register(self.wake_fd, select.POLLIN)
         self._write_poll = select.poll()
         self._write_poll.register(fd, select.POLLOUT)
-        self._write_poll.register(self._wake, select.POLLIN)
+        self._write_poll.register(self.wake_fd, select.POLLIN)
+        # The C extension's one-packet calls on fd (see PacketIo), when asked
+        # for: they keep no lock, so close() drains them before it closes.
+        self.io = None if packet_io is None else packet_io(fd, self.wake_fd)
 
     @property
     def closed(self) -> bool:
@@ -233,13 +248,15 @@ class _Descriptor:
             if self._closing:
                 return
             self._closing = True
-        os.eventfd_write(self._wake, 1)  # stays readable: every waiter returns
+        os.eventfd_write(self.wake_fd, 1)  # stays readable: every waiter returns
+        if self.io is not None:
+            self.io.drain()  # refuses new calls, waits for those in progress
         with self._read_lock, self._write_lock:
             # No system call on _fd can be running now. A closed descriptor's
             # number is reused at once; a late read would hit another file.
             os.close(self.fd)
-            os.close(self._wake)
-            self.fd = self._wake = -1
+            os.close(self.wake_fd)
+            self.fd = self.wake_fd = -1
 
     def __repr__(self) -> str:
         state = " [closed]" if self._closing else ""

@@ -32,6 +32,8 @@ from .split import split as _pure_split
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
+    from .._speedups import PacketIo
+
 __all__ = [
     "ACTIVE",
     "NATIVE",
@@ -77,6 +79,12 @@ class SplitFn(Protocol):
         sizes: MutableSequence[int],
         offset: int,
     ) -> int: ...
+
+
+class PacketIoType(Protocol):
+    """``PacketIo``: one packet per call to or from a TUN descriptor (see _speedups.pyi)."""
+
+    def __call__(self, fd: int, wake: int) -> PacketIo: ...
 
 
 class Engine(NamedTuple):
@@ -159,6 +167,8 @@ NATIVE: Final[Engine | None] = (
     )
 )
 ACTIVE: Final = PURE if NATIVE is None else NATIVE
+PACKET_IO: Final[PacketIoType | None] = None if _native is None else _native.PacketIo
+"""The C read and write of one packet (device.py), when the extension is loaded; else None."""
 
 ones_sum: Final = ACTIVE.ones_sum
 checksum: Final = ACTIVE.checksum

@@ -1,0 +1,244 @@
+"""tunkit._speedups.PacketIo: one packet per call, the counters, and the way close() ends it.
+
+A SOCK_SEQPACKET socket pair stands in for a TUN descriptor (one record per
+read or write, as a TUN device gives one packet), so these run without root;
+the device tests (test_native*.py, io_path) run the same class on real
+devices. Expected values come from the socket on the other side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tunkit._offload._impl import PACKET_IO, REASON
+
+if PACKET_IO is None:
+    pytest.skip(f"no C extension: {REASON}", allow_module_level=True)
+
+from tunkit._speedups import PacketIo
+
+pytestmark = pytest.mark.timeout(30)
+
+OFFSET = 16
+
+
+class Ends:
+    """``io`` on one end of a socket pair (non-blocking, as a device's descriptor is)."""
+
+    def __init__(self) -> None:
+        self.ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ours.setblocking(False)
+        self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.io = PacketIo(self.ours.fileno(), self.wake)
+
+    def close(self) -> None:
+        """What _Descriptor.close does: wake, drain, then close the numbers."""
+        os.eventfd_write(self.wake, 1)
+        self.io.drain()
+        self.ours.close()
+        self.peer.close()
+        os.close(self.wake)
+
+
+@pytest.fixture
+def ends() -> Iterator[Ends]:
+    e = Ends()
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def test_read_and_write_one_packet_each_and_count(ends: Ends) -> None:
+    buf, over = bytearray(OFFSET + 100), bytearray(200)
+    ends.peer.send(b"x" * 60)
+    assert ends.io.read(buf, OFFSET, over) == 60
+    assert bytes(buf[OFFSET : OFFSET + 60]) == b"x" * 60
+    assert buf[:OFFSET] == bytes(OFFSET)  # nothing before the offset is touched
+    out = bytes(range(OFFSET)) + b"packet"
+    assert ends.io.write(out, OFFSET) == 6
+    assert ends.peer.recv(100) == b"packet"  # only what follows the offset
+    assert ends.io.write(memoryview(out)[: OFFSET + 3], OFFSET) == 3
+    assert ends.peer.recv(100) == b"pac"
+    assert ends.io.counts() == (1, 60, 0, 2, 9)
+
+
+def test_a_packet_longer_than_the_room_is_dropped_and_counted(ends: Ends) -> None:
+    buf, over = bytearray(OFFSET + 100), bytearray(4000)
+    ends.peer.send(b"L" * 3000)
+    ends.peer.send(b"s" * 100)  # exactly the room: kept
+    assert ends.io.read(buf, OFFSET, over) == 100
+    assert bytes(buf[OFFSET:]) == b"s" * 100
+    assert ends.io.counts() == (1, 100, 1, 0, 0)
+
+
+def test_read_waits_for_a_packet_and_releases_the_gil(ends: Ends) -> None:
+    buf, over = bytearray(OFFSET + 100), bytearray(200)
+    ticks = 0
+    result: list[int] = []
+    reader = threading.Thread(target=lambda: result.append(ends.io.read(buf, OFFSET, over)))
+    reader.start()
+    deadline = time.monotonic() + 0.2
+    while time.monotonic() < deadline:  # runs only while the reader waits without the GIL
+        ticks += 1
+    assert reader.is_alive() and ticks > 1000
+    ends.peer.send(b"late")
+    reader.join(5)
+    assert result == [4] and bytes(buf[OFFSET : OFFSET + 4]) == b"late"
+
+
+def test_write_waits_while_the_peer_is_full(ends: Ends) -> None:
+    ends.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    while True:  # fill the socket until a send would block
+        try:
+            ends.ours.send(b"f" * 500)
+            sent += 1
+        except BlockingIOError:
+            break
+    result: list[int] = []
+    writer = threading.Thread(target=lambda: result.append(ends.io.write(b"w" * 520, 20)))
+    writer.start()
+    time.sleep(0.1)
+    assert writer.is_alive(), "write returned while the peer was full"
+    got = [ends.peer.recv(1000) for _ in range(sent)]  # make room
+    writer.join(5)
+    assert result == [500] and got == [b"f" * 500] * sent
+    assert ends.peer.recv(1000) == b"w" * 500
+
+
+def test_the_eventfd_ends_a_waiting_read_and_write(ends: Ends) -> None:
+    buf, over = bytearray(OFFSET + 100), bytearray(200)
+    result: list[int] = []
+    reader = threading.Thread(target=lambda: result.append(ends.io.read(buf, OFFSET, over)))
+    reader.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    os.eventfd_write(ends.wake, 1)
+    reader.join(5)
+    assert result == [-errno.EBADF] and time.monotonic() - started < 0.1
+    assert ends.io.counts() == (0, 0, 0, 0, 0)
+
+
+def test_after_drain_no_call_reaches_the_number(ends: Ends) -> None:
+    os.eventfd_write(ends.wake, 1)
+    ends.io.drain()
+    ends.io.drain()  # idempotent
+    fd = ends.ours.fileno()
+    ends.ours.close()
+    # Whatever takes the number now must see nothing from the drained object.
+    r, w = os.pipe()
+    try:
+        buf, over = bytearray(OFFSET + 100), bytearray(200)
+        assert ends.io.write(b"x" * 40, OFFSET) == -errno.EBADF
+        assert ends.io.read(buf, OFFSET, over) == -errno.EBADF
+        if fd in (r, w):
+            os.set_blocking(r, False)
+            with pytest.raises(BlockingIOError):
+                os.read(r, 1)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_drain_waits_for_a_call_in_progress(ends: Ends) -> None:
+    buf, over = bytearray(OFFSET + 100), bytearray(200)
+    result: list[int] = []
+    reader = threading.Thread(target=lambda: result.append(ends.io.read(buf, OFFSET, over)))
+    reader.start()
+    time.sleep(0.05)
+    os.eventfd_write(ends.wake, 1)
+    ends.io.drain()
+    assert result == [-errno.EBADF]  # drain returned only after the read did
+    reader.join(5)
+
+
+def test_kernel_errors_come_back_as_negative_errno() -> None:
+    r, w = os.pipe()
+    wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        io = PacketIo(r, wake)
+        assert io.write(b"x" * 20, OFFSET) == -errno.EBADF  # the pipe's read end
+        io = PacketIo(w, wake)
+        assert io.read(bytearray(100), OFFSET, bytearray(10)) == -errno.EBADF
+        assert io.counts() == (0, 0, 0, 0, 0)
+    finally:
+        for fd in (r, w, wake):
+            os.close(fd)
+
+
+def test_bad_arguments_raise(ends: Ends) -> None:
+    over = bytearray(10)
+    with pytest.raises(ValueError, match="no room after offset"):
+        ends.io.read(bytearray(OFFSET), OFFSET, over)
+    with pytest.raises(ValueError, match="no room after offset"):
+        ends.io.read(bytearray(OFFSET + 10), -1, over)
+    with pytest.raises(BufferError):
+        ends.io.read(b"read-only buffer", 0, over)
+    with pytest.raises(TypeError):
+        ends.io.read(bytearray(100), 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        ends.io.read(bytearray(100), "16", over)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="negative offset"):
+        ends.io.write(b"abc", -1)
+    with pytest.raises(TypeError):
+        ends.io.write(object(), 0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="negative descriptor"):
+        PacketIo(-1, 3)
+    # An offset past the end writes an empty record, as buf[offset:] is empty.
+    assert ends.io.write(b"abc", 10) == 0
+    assert ends.peer.recv(10) == b""
+
+
+@contextlib.contextmanager
+def _signal_in(seconds: float, handler: signal._HANDLER) -> Iterator[None]:
+    """Run *handler* on SIGUSR1 sent to this (the main) thread after *seconds*."""
+    old = signal.signal(signal.SIGUSR1, handler)
+    main = threading.get_ident()
+    timer = threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGUSR1))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_signal_handler_may_close_while_the_read_waits(ends: Ends) -> None:
+    """The handler runs outside the call's count: its drain() does not wait for itself."""
+    assert threading.current_thread() is threading.main_thread()
+    buf, over = bytearray(OFFSET + 100), bytearray(200)
+
+    def close_from_handler(signum: int, frame: object) -> None:
+        os.eventfd_write(ends.wake, 1)
+        ends.io.drain()
+
+    with _signal_in(0.05, close_from_handler):
+        assert ends.io.read(buf, OFFSET, over) == -errno.EBADF
+
+
+def test_an_exception_from_a_signal_handler_ends_the_read(ends: Ends) -> None:
+    buf, over = bytearray(OFFSET + 100), bytearray(200)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    with _signal_in(0.05, interrupt), pytest.raises(KeyboardInterrupt):
+        ends.io.read(buf, OFFSET, over)
+    # The call counted itself out: the read works again, and drain returns.
+    ends.peer.send(b"after")
+    assert ends.io.read(buf, OFFSET, over) == 5
+    drained = threading.Thread(target=ends.io.drain)
+    drained.start()
+    drained.join(2)
+    assert not drained.is_alive(), "a call was left counted in"
