@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from netns_util import NativeHarness, Pair, netns_factory, ns_socket, root, tcp_transfer  # noqa: F401
+from netns_util import (  # noqa: F401
+    NativeHarness,
+    Pair,
+    io_path,
+    netns_factory,
+    ns_socket,
+    root,
+    tcp_transfer,
+)
 from packets import ACK, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, PSH, TCP, UDP, Flow, payload_bytes, vnet
 
 from tunkit import GsoTun, OffsetError, TooManySegmentsError
@@ -44,6 +52,7 @@ from tunkit._linux.constants import (
 )
 from tunkit._linux.device import GsoNativeTun, NativeTun, create_tun, open_tun
 from tunkit._linux.vnet import gso_segments
+from tunkit._offload import _impl as tk_impl
 from tunkit._offload import _Malformed, split
 
 if TYPE_CHECKING:
@@ -163,7 +172,7 @@ def _gso_copy(a: NativeTun, b: NativeTun) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_tcp_through_read_gso_and_write_gso(make_pair: Callable[..., Pair]) -> None:
+def test_tcp_through_read_gso_and_write_gso(make_pair: Callable[..., Pair], io_path: str) -> None:
     pair = make_pair()
     pair.start_copy(loop=_gso_copy)
     size = 64 << 20
@@ -216,7 +225,7 @@ def _send_udp_gso(pair: Pair, version: int, datagrams: Sequence[bytes], gso_size
 )
 @pytest.mark.parametrize("version", [4, 6])
 def test_udp_gso_from_a_socket_arrives_as_its_datagrams(
-    make_pair: Callable[..., Pair], offload: bool, passthrough: bool, version: int
+    make_pair: Callable[..., Pair], offload: bool, passthrough: bool, version: int, io_path: str
 ) -> None:
     pair = make_pair(offload=offload)
     pair.start_copy(passthrough=passthrough)
@@ -269,16 +278,42 @@ class _Refusing:
         return int(self._inner.write_locked(buf))  # type: ignore[attr-defined]
 
 
+class _RefusingIo:
+    """The same for the C calls (PacketIo): write_gso stops at a packet it would refuse."""
+
+    def __init__(self, inner: Any, refusing: _Refusing) -> None:
+        self._inner = inner
+        self._refusing = refusing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def write_gso(self, bufs: Sequence[ReadableBuffer], at: int, refused: int) -> tuple[int, int]:
+        for i, buf in enumerate(bufs):
+            view = memoryview(buf).cast("B")[at:]
+            kind = view[1] & 0x7F if len(view) >= 10 else GSO_NONE
+            if kind not in self._refusing.kinds or refused & (2 if kind == GSO_UDP_L4 else 1):
+                continue
+            n, err = self._inner.write_gso(bufs[:i], at, refused)
+            if err or n < i:
+                return n, err
+            self._refusing.refused += 1
+            return i, -errno.EINVAL
+        return self._inner.write_gso(bufs, at, refused)  # type: ignore[no-any-return]
+
+
 def _refuse(tun: NativeTun, kinds: set[int]) -> _Refusing:
     refusing = _Refusing(tun._fd, kinds)
     tun._fd = refusing  # type: ignore[assignment]
+    if tun._io is not None:
+        tun._io = _RefusingIo(tun._io, refusing)  # type: ignore[assignment]
     return refusing
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("passthrough", [False, True], ids=["coalesced", "whole"])
 def test_refused_super_packets_are_split_and_nothing_is_lost(
-    make_pair: Callable[..., Pair], passthrough: bool
+    make_pair: Callable[..., Pair], passthrough: bool, io_path: str
 ) -> None:
     pair = make_pair()
     refusing = _refuse(pair.b, {GSO_TCPV4, GSO_UDP_L4})
@@ -327,7 +362,7 @@ def test_refused_coalesced_batch_is_written_one_by_one(netns_factory: MakeNs) ->
 
 
 @pytest.mark.timeout(30)
-def test_write_gso_splits_what_the_kernel_refuses(netns_factory: MakeNs) -> None:
+def test_write_gso_splits_what_the_kernel_refuses(netns_factory: MakeNs, io_path: str) -> None:
     h = NativeHarness(netns_factory("wgso"), offload=True)
     try:
         gso = _gso(h.tun)
@@ -565,6 +600,31 @@ def test_gso_segments_never_raises_and_agrees_with_split(data: bytes) -> None:
     except _Malformed:
         return  # split may check more (a partial checksum's place in a GSO_NONE packet)
     assert n == segments
+
+
+@pytest.mark.skipif(tk_impl.NATIVE is None, reason=f"no C extension: {tk_impl.REASON}")
+@settings(max_examples=1500, deadline=None)
+@given(data=kernel_reads())
+def test_gso_segments_in_c_agrees(data: bytes) -> None:
+    """PacketIo.read_gso/write_gso check headers in C: the same verdict as vnet.py."""
+    from tunkit import _speedups
+
+    assert _speedups.gso_segments(data) == gso_segments(memoryview(data))
+
+
+def test_gso_segments_in_c_agrees_on_the_table() -> None:
+    if tk_impl.NATIVE is None:
+        pytest.skip(f"no C extension: {tk_impl.REASON}")
+    from tunkit import _speedups
+
+    for flow in _FLOWS:
+        for size, gso_size in ((0, 100), (1, 100), (999, 100), (1000, 100), (5000, 1448)):
+            data = (
+                flow.super_packet(payload_bytes(size), gso_size)
+                if size
+                else vnet() + flow.packet(b"")
+            )
+            assert _speedups.gso_segments(data) == gso_segments(memoryview(data)) != (0, 0)
 
 
 def test_tcp_flow_helpers_agree() -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from packets import UDP, Flow, payload_bytes, vnet
 
 from tunkit._offload._impl import PACKET_IO, REASON
 
@@ -29,6 +30,23 @@ from tunkit._speedups import PacketIo
 pytestmark = pytest.mark.timeout(30)
 
 OFFSET = 16
+COUNTERS = (
+    "packets_read",
+    "bytes_read",
+    "dropped_too_big",
+    "dropped_malformed",
+    "gso_read",
+    "packets_written",
+    "bytes_written",
+    "dropped_write",
+    "gso_written",
+)
+
+
+def counts(**nonzero: int) -> dict[str, int]:
+    """PacketIo.counts() with these counters set and every other one 0."""
+    assert set(nonzero) <= set(COUNTERS)
+    return {name: nonzero.get(name, 0) for name in COUNTERS}
 
 
 class Ends:
@@ -69,7 +87,9 @@ def test_read_and_write_one_packet_each_and_count(ends: Ends) -> None:
     assert ends.peer.recv(100) == b"packet"  # only what follows the offset
     assert ends.io.write(memoryview(out)[: OFFSET + 3], OFFSET) == 3
     assert ends.peer.recv(100) == b"pac"
-    assert ends.io.counts() == (1, 60, 0, 2, 9)
+    assert ends.io.counts() == counts(
+        packets_read=1, bytes_read=60, packets_written=2, bytes_written=9
+    )
 
 
 def test_a_packet_longer_than_the_room_is_dropped_and_counted(ends: Ends) -> None:
@@ -78,7 +98,7 @@ def test_a_packet_longer_than_the_room_is_dropped_and_counted(ends: Ends) -> Non
     ends.peer.send(b"s" * 100)  # exactly the room: kept
     assert ends.io.read(buf, OFFSET, over) == 100
     assert bytes(buf[OFFSET:]) == b"s" * 100
-    assert ends.io.counts() == (1, 100, 1, 0, 0)
+    assert ends.io.counts() == counts(packets_read=1, bytes_read=100, dropped_too_big=1)
 
 
 def test_read_waits_for_a_packet_and_releases_the_gil(ends: Ends) -> None:
@@ -126,7 +146,7 @@ def test_the_eventfd_ends_a_waiting_read_and_write(ends: Ends) -> None:
     os.eventfd_write(ends.wake, 1)
     reader.join(5)
     assert result == [-errno.EBADF] and time.monotonic() - started < 0.1
-    assert ends.io.counts() == (0, 0, 0, 0, 0)
+    assert ends.io.counts() == counts()
 
 
 def test_after_drain_no_call_reaches_the_number(ends: Ends) -> None:
@@ -170,7 +190,7 @@ def test_kernel_errors_come_back_as_negative_errno() -> None:
         assert io.write(b"x" * 20, OFFSET) == -errno.EBADF  # the pipe's read end
         io = PacketIo(w, wake)
         assert io.read(bytearray(100), OFFSET, bytearray(10)) == -errno.EBADF
-        assert io.counts() == (0, 0, 0, 0, 0)
+        assert io.counts() == counts()
     finally:
         for fd in (r, w, wake):
             os.close(fd)
@@ -242,3 +262,107 @@ def test_an_exception_from_a_signal_handler_ends_the_read(ends: Ends) -> None:
     drained.start()
     drained.join(2)
     assert not drained.is_alive(), "a call was left counted in"
+
+
+# --- whole kernel packets: read_gso / write_gso ----------------------------------
+
+AT = OFFSET - 10  # where the virtio-net header goes, in front of the packet
+
+
+def test_read_gso_takes_what_is_waiting_and_drops_what_is_bad(ends: Ends) -> None:
+    tcp = Flow().super_packet(payload_bytes(3000), 1000)  # 3050 bytes
+    udp = Flow.v6(UDP).super_packet(payload_bytes(2500), 1000)  # 2558 bytes
+    single = vnet() + Flow().packet(b"single")
+    for data in (tcp, b"garbage that is no packet", single, bytes(10) + bytes(3000), udp):
+        ends.peer.send(data)
+    # Room for 2006 bytes from AT: the three long ones are too big, garbage is malformed.
+    bufs = [bytearray(OFFSET + 2000) for _ in range(4)]
+    sizes = [-1] * 4
+    assert ends.io.read_gso(bufs, sizes, AT, bytearray(70000)) == (1, 0)
+    assert sizes == [len(single) - 10, -1, -1, -1]
+    assert bytes(bufs[0][AT : AT + len(single)]) == single
+    assert ends.io.counts() == counts(
+        packets_read=1, bytes_read=len(single) - 10, dropped_too_big=3, dropped_malformed=1
+    )
+
+
+def test_read_gso_stores_super_packets_whole_and_counts_their_segments(ends: Ends) -> None:
+    tcp = Flow().super_packet(payload_bytes(3000), 1000)
+    udp = Flow.v6(UDP).super_packet(payload_bytes(2500), 1000)
+    for data in (tcp, udp):
+        ends.peer.send(data)
+    bufs = [bytearray(OFFSET + 65535) for _ in range(3)]
+    sizes = [0] * 3
+    assert ends.io.read_gso(bufs, sizes, AT, bytearray(10)) == (2, 0)
+    assert [bytes(bufs[i][AT : AT + 10 + sizes[i]]) for i in range(2)] == [tcp, udp]
+    hdr_tcp, hdr_udp = 40, 48
+    assert ends.io.counts() == counts(
+        packets_read=6,
+        bytes_read=3000 + 3 * hdr_tcp + 2500 + 3 * hdr_udp,
+        gso_read=2,
+    )
+
+
+def test_read_gso_refuses_too_few_sizes_before_reading(ends: Ends) -> None:
+    ends.peer.send(vnet() + Flow().packet(b"kept"))
+    bufs = [bytearray(OFFSET + 100) for _ in range(2)]
+    with pytest.raises(ValueError, match="1 sizes for 2 buffers"):
+        ends.io.read_gso(bufs, [0], AT, bytearray(10))
+    assert ends.io.read_gso(bufs, [0, 0], AT, bytearray(10)) == (1, 0)  # still there
+
+
+def test_read_gso_after_drain_and_on_a_bad_descriptor(ends: Ends) -> None:
+    bufs, sizes = [bytearray(100)], [0]
+    r, w = os.pipe()
+    try:
+        io = PacketIo(w, ends.wake)  # the write end of a pipe: reading it fails
+        assert io.read_gso(bufs, sizes, AT, bytearray(10)) == (0, -errno.EBADF)
+    finally:
+        os.close(r)
+        os.close(w)
+    os.eventfd_write(ends.wake, 1)
+    ends.io.drain()
+    assert ends.io.read_gso(bufs, sizes, AT, bytearray(10)) == (0, -errno.EBADF)
+    assert ends.io.write_gso([bytes(100)], AT, 0) == (0, -errno.EBADF)
+
+
+def test_write_gso_writes_whole_and_hands_back_a_refused_kind(ends: Ends) -> None:
+    tcp = Flow().super_packet(payload_bytes(3000), 1000)
+    udp = Flow(proto=UDP).super_packet(payload_bytes(1500), 1000)
+    single = vnet() + Flow().packet(b"single")
+    bufs = [bytes(AT) + p for p in (single, tcp, udp)]
+    assert ends.io.write_gso(bufs, AT, 0) == (3, 0)
+    assert [ends.peer.recv(70000) for _ in range(3)] == [single, tcp, udp]
+    assert ends.io.counts() == counts(
+        packets_written=1 + 3 + 2,
+        bytes_written=len(single) - 10 + 3000 + 3 * 40 + 1500 + 2 * 28,
+        gso_written=2,
+    )
+    # TCP refused before (bit 1): the TCP super-packet is the caller's to split.
+    assert ends.io.write_gso(bufs, AT, 1) == (1, 1)
+    assert ends.peer.recv(70000) == single
+    # UDP refused (bit 2): TCP goes, UDP comes back.
+    assert ends.io.write_gso(bufs[1:], AT, 2) == (1, 1)
+    assert ends.peer.recv(70000) == tcp
+
+
+def test_write_gso_waits_while_the_peer_is_full(ends: Ends) -> None:
+    ends.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    while True:
+        try:
+            ends.ours.send(b"f" * 500)
+            sent += 1
+        except BlockingIOError:
+            break
+    pkt = bytes(AT) + vnet() + Flow().packet(b"late")
+    result: list[tuple[int, int]] = []
+    writer = threading.Thread(target=lambda: result.append(ends.io.write_gso([pkt], AT, 0)))
+    writer.start()
+    time.sleep(0.1)
+    assert writer.is_alive(), "write_gso returned while the peer was full"
+    for _ in range(sent):
+        ends.peer.recv(1000)
+    writer.join(5)
+    assert result == [(1, 0)]
+    assert ends.peer.recv(1000) == pkt[AT:]

@@ -1538,12 +1538,13 @@ done:
 }
 
 /* ------------------------------------------------------------------------ */
-/* PacketIo: one packet to or from a TUN descriptor without offload          */
+/* PacketIo: the system calls of a TUN descriptor, one packet or one batch   */
 /*
  * A device without offload costs a system call per packet, so what Python
  * runs around that call decides its speed (device.py, NativeTun.read and
- * write). A PacketIo does the whole of one packet in one call that releases
- * the GIL once: the system call, and on EAGAIN a poll() on the descriptor and
+ * write); with offload, read_gso/write_gso move a batch of super-packets with
+ * a system call each. A PacketIo does one packet, or one batch, in one call
+ * that releases the GIL once: the system call, and on EAGAIN a poll() on the descriptor and
  * on the wake-up eventfd that close() makes readable; it keeps the counters
  * too. The calls return the byte count, or -errno, so that a refusal the
  * caller drops and counts costs no exception; -EBADF once closing has begun.
@@ -1568,8 +1569,12 @@ typedef struct {
     unsigned long long packets_read;
     unsigned long long bytes_read;
     unsigned long long too_big;
+    unsigned long long malformed;
+    unsigned long long gso_read;
     unsigned long long packets_written;
     unsigned long long bytes_written;
+    unsigned long long dropped_write;
+    unsigned long long gso_written;
 } packet_io_t;
 
 /* Count a call in; false (and not counted) once closing has begun. */
@@ -1776,6 +1781,388 @@ pio_write(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     return go < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
+/* vnet.py's gso_segments: (segments, header length) of one kernel packet
+ * (virtio-net header + IP packet), segments 0 when it is malformed. The same
+ * checks in the same order; read it for the why. */
+static Py_ssize_t
+gso_check(const uint8_t *data, Py_ssize_t len, Py_ssize_t *hdr_len_out)
+{
+    *hdr_len_out = 0;
+    Py_ssize_t ip_len = len - VNET_HDR_LEN;
+    if (ip_len < IP4_MIN_HDR_LEN) {
+        return 0;
+    }
+    const uint8_t *ip = data + VNET_HDR_LEN;
+    uint8_t flags = data[0], gso_type = data[1];
+    uint16_t gso_size = host16(data + 4), csum_start = host16(data + 6),
+             csum_offset = host16(data + 8);
+    int version = ip[0] >> 4, proto;
+    Py_ssize_t iph_len;
+    if (version == 4) {
+        iph_len = (ip[0] & 0x0F) * 4;
+        if (iph_len < IP4_MIN_HDR_LEN || iph_len > ip_len || get16(ip + 2) != ip_len) {
+            return 0;
+        }
+        proto = ip[9];
+    }
+    else if (version == 6) {
+        iph_len = IP6_HDR_LEN;
+        if (ip_len < IP6_HDR_LEN || get16(ip + 4) + IP6_HDR_LEN != ip_len) {
+            return 0;
+        }
+        proto = ip[6];
+    }
+    else {
+        return 0;
+    }
+    int needs_csum = flags & F_NEEDS_CSUM;
+    if (needs_csum && (Py_ssize_t)csum_start + csum_offset + 2 > ip_len) {
+        return 0;
+    }
+    int kind = gso_type & ~GSO_ECN;
+    if (kind == GSO_NONE) {
+        return 1;
+    }
+    int need_version, need_proto;
+    if (kind == GSO_TCPV4) {
+        need_version = 4, need_proto = IPPROTO_TCP_;
+    }
+    else if (kind == GSO_TCPV6) {
+        need_version = 6, need_proto = IPPROTO_TCP_;
+    }
+    else if (kind == GSO_UDP_L4) {
+        need_version = 0, need_proto = IPPROTO_UDP_;
+    }
+    else {
+        return 0;
+    }
+    if (gso_size == 0 || proto != need_proto || (need_version && need_version != version)) {
+        return 0;
+    }
+    Py_ssize_t l4_hdr_len;
+    int csum_field;
+    if (proto == IPPROTO_TCP_) {
+        if (ip_len < iph_len + TCP_MIN_HDR_LEN) {
+            return 0;
+        }
+        l4_hdr_len = (ip[iph_len + 12] >> 4) * 4;
+        if (l4_hdr_len < TCP_MIN_HDR_LEN) {
+            return 0;
+        }
+        csum_field = 16;
+    }
+    else {
+        l4_hdr_len = UDP_HDR_LEN;
+        csum_field = 6;
+    }
+    Py_ssize_t hdr_len = iph_len + l4_hdr_len;
+    if (hdr_len > ip_len || hdr_len + gso_size > IP_MAX_PACKET_LEN) {
+        return 0;
+    }
+    if (needs_csum && (csum_start != iph_len || csum_offset != csum_field)) {
+        return 0;
+    }
+    Py_ssize_t payload = ip_len - hdr_len;
+    Py_ssize_t segments = (payload + gso_size - 1) / gso_size;
+    *hdr_len_out = hdr_len;
+    return segments > 1 ? segments : 1;
+}
+
+PyDoc_STRVAR(gso_segments_doc,
+"gso_segments(data)\n--\n\n"
+"(segments, header length) of a virtio-net header and its IP packet; (0, 0)\n"
+"when it is malformed (vnet.py's gso_segments).");
+
+static PyObject *
+py_gso_segments(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    Py_ssize_t hdr_len;
+    Py_ssize_t segments = gso_check(view.buf, view.len, &hdr_len);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nn)", segments, hdr_len);
+}
+
+/* The buffers of a batch, taken with the GIL: released by release_bufs. */
+static Py_buffer *
+take_bufs(PyObject *seq, Py_ssize_t *count, int flags)
+{
+    PyObject *fast = PySequence_Fast(seq, "bufs must be a sequence of buffers");
+    if (fast == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Py_buffer *views = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
+    if (views == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &views[i], flags) < 0) {
+            while (i-- > 0) {
+                PyBuffer_Release(&views[i]);
+            }
+            PyMem_Free(views);
+            Py_DECREF(fast);
+            return NULL;
+        }
+    }
+    Py_DECREF(fast);
+    *count = n;
+    return views;
+}
+
+static void
+release_bufs(Py_buffer *views, Py_ssize_t count)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyBuffer_Release(&views[i]);
+    }
+    PyMem_Free(views);
+}
+
+PyDoc_STRVAR(pio_read_gso_doc,
+"read_gso(bufs, sizes, at, overflow)\n--\n\n"
+"Read kernel packets whole into bufs[i][at:] (virtio-net header, then the\n"
+"packet): wait for the first, then take those already waiting, one per\n"
+"buffer. sizes[i] is the packet's length without the header. A packet\n"
+"longer than its room is dropped (too_big), one whose header does not match\n"
+"it too (malformed). Return (stored, err): err is 0, or -errno of an error\n"
+"that ended the call (with stored 0), or that came after stored packets\n"
+"(for the caller to raise next time); -EBADF once closing has begun.");
+
+static PyObject *
+pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "read_gso() takes 4 arguments");
+        return NULL;
+    }
+    Py_ssize_t at = PyLong_AsSsize_t(args[2]);
+    if (at == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (at < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative offset");
+        return NULL;
+    }
+    Py_ssize_t count = 0;
+    Py_buffer *views = take_bufs(args[0], &count, PyBUF_WRITABLE);
+    if (views == NULL) {
+        return NULL;
+    }
+    /* Checked before any read: a packet read is never lost to a bad argument. */
+    Py_ssize_t n_sizes = PySequence_Size(args[1]);
+    if (n_sizes < count) {
+        if (n_sizes >= 0) {
+            PyErr_Format(PyExc_ValueError, "read_gso with %zd sizes for %zd buffers", n_sizes,
+                         count);
+        }
+        release_bufs(views, count);
+        return NULL;
+    }
+    Py_buffer over;
+    if (PyObject_GetBuffer(args[3], &over, PyBUF_WRITABLE) < 0) {
+        release_bufs(views, count);
+        return NULL;
+    }
+    Py_ssize_t *lens = PyMem_Calloc(count ? (size_t)count : 1, sizeof(Py_ssize_t));
+    if (lens == NULL) {
+        PyBuffer_Release(&over);
+        release_bufs(views, count);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t stored = 0, err = 0;
+    unsigned long long too_big = 0, malformed = 0, packets = 0, bytes = 0, gso = 0;
+    int fd = self->fd, wake = self->wake;
+    int go = io_enter(self);
+    if (!go) {
+        err = -EBADF;
+    }
+    while (go > 0 && stored < count) {
+        Py_BEGIN_ALLOW_THREADS
+        while (stored < count) {
+            Py_buffer *v = &views[stored];
+            Py_ssize_t start = at < v->len ? at : v->len;
+            Py_ssize_t room = v->len - start;
+            struct iovec iov[2] = {{(char *)v->buf + start, (size_t)room},
+                                   {over.buf, (size_t)over.len}};
+            Py_ssize_t n = readv(fd, iov, 2);
+            if (n < 0) {
+                n = -errno;
+                if (n == -EAGAIN && stored == 0) {
+                    n = wait_fd(fd, wake, POLLIN);
+                    if (n == 0) {
+                        continue;
+                    }
+                }
+                if (n != -EAGAIN) {
+                    err = n;
+                }
+                break;
+            }
+            if (n > room) {
+                too_big++;
+                continue;
+            }
+            Py_ssize_t hdr_len;
+            Py_ssize_t segments = gso_check((const uint8_t *)v->buf + start, n, &hdr_len);
+            if (segments == 0) {
+                malformed++;
+                continue;
+            }
+            Py_ssize_t ip_len = n - VNET_HDR_LEN;
+            lens[stored++] = ip_len;
+            packets += (unsigned long long)segments;
+            bytes += (unsigned long long)(ip_len + (segments - 1) * hdr_len);
+            gso += hdr_len != 0;
+        }
+        Py_END_ALLOW_THREADS
+        go = 0;
+        if (err == -EINTR && stored == 0) {
+            Py_ssize_t r = -EINTR;
+            go = io_settle(self, &r); /* signal handlers, then again */
+            err = go == 0 ? r : 0;
+        }
+        else {
+            if (err == -EINTR) {
+                err = 0; /* the handlers run when the caller's Python goes on */
+            }
+            io_leave(self);
+        }
+    }
+    if (go > 0) {
+        io_leave(self); /* no buffers */
+    }
+    self->too_big += too_big;
+    self->malformed += malformed;
+    self->packets_read += packets;
+    self->bytes_read += bytes;
+    self->gso_read += gso;
+    PyObject *result = NULL;
+    if (go >= 0) {
+        Py_ssize_t i = 0;
+        for (; i < stored; i++) {
+            PyObject *size = PyLong_FromSsize_t(lens[i]);
+            if (size == NULL || PySequence_SetItem(args[1], i, size) < 0) {
+                Py_XDECREF(size);
+                break;
+            }
+            Py_DECREF(size);
+        }
+        if (i == stored) {
+            result = Py_BuildValue("(nn)", stored, err);
+        }
+    }
+    PyMem_Free(lens);
+    PyBuffer_Release(&over);
+    release_bufs(views, count);
+    return result;
+}
+
+PyDoc_STRVAR(pio_write_gso_doc,
+"write_gso(bufs, at, refused)\n--\n\n"
+"Write each bufs[i][at:] (virtio-net header, then the packet) whole, one\n"
+"system call each. Refused by the kernel (EIO; EINVAL for a GSO_NONE\n"
+"packet): dropped and counted (dropped_write). Return (done, err): done\n"
+"packets were handled; when done < len(bufs), bufs[done] is the caller's:\n"
+"err 1 for a super-packet of a kind in *refused* (bit 1: TCP, bit 2: UDP),\n"
+"else -errno of its write (-EINVAL: the kernel refused a super-packet;\n"
+"-EBADF once closing has begun).");
+
+static PyObject *
+pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "write_gso() takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t at = PyLong_AsSsize_t(args[1]);
+    long refused = at == -1 && PyErr_Occurred() ? 0 : PyLong_AsLong(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (at < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative offset");
+        return NULL;
+    }
+    Py_ssize_t count = 0;
+    Py_buffer *views = take_bufs(args[0], &count, PyBUF_SIMPLE);
+    if (views == NULL) {
+        return NULL;
+    }
+    Py_ssize_t done = 0, err = 0;
+    unsigned long long packets = 0, bytes = 0, gso = 0, dropped = 0;
+    int fd = self->fd, wake = self->wake;
+    int go = io_enter(self);
+    if (!go) {
+        err = -EBADF;
+    }
+    while (go > 0 && done < count) {
+        Py_BEGIN_ALLOW_THREADS
+        while (done < count) {
+            Py_buffer *v = &views[done];
+            Py_ssize_t start = at < v->len ? at : v->len;
+            const uint8_t *data = (const uint8_t *)v->buf + start;
+            Py_ssize_t len = v->len - start;
+            int kind = len > 1 ? data[1] & ~GSO_ECN : GSO_NONE;
+            if (kind != GSO_NONE && (refused & (kind == GSO_UDP_L4 ? 2 : 1))) {
+                err = 1;
+                break;
+            }
+            Py_ssize_t n = write(fd, data, (size_t)len);
+            if (n < 0) {
+                n = -errno;
+                if (n == -EAGAIN) {
+                    n = wait_fd(fd, wake, POLLOUT);
+                    if (n == 0) {
+                        continue;
+                    }
+                }
+                if (n == -EIO || (n == -EINVAL && kind == GSO_NONE)) {
+                    dropped++;
+                    done++;
+                    continue;
+                }
+                err = n;
+                break;
+            }
+            Py_ssize_t hdr_len;
+            Py_ssize_t segments = gso_check(data, len, &hdr_len);
+            gso += hdr_len != 0;
+            if (segments == 0) {
+                segments = 1; /* not ours to judge: the kernel took it */
+            }
+            packets += (unsigned long long)segments;
+            bytes += (unsigned long long)(len - VNET_HDR_LEN + (segments - 1) * hdr_len);
+            done++;
+        }
+        Py_END_ALLOW_THREADS
+        go = 0;
+        if (err == -EINTR && done == 0) {
+            Py_ssize_t r = -EINTR;
+            go = io_settle(self, &r); /* signal handlers, then again */
+            err = go == 0 ? r : 0;
+        }
+        else {
+            io_leave(self); /* -EINTR after progress: the caller goes on */
+        }
+    }
+    if (go > 0) {
+        io_leave(self); /* no buffers */
+    }
+    self->packets_written += packets;
+    self->bytes_written += bytes;
+    self->gso_written += gso;
+    self->dropped_write += dropped;
+    release_bufs(views, count);
+    return go < 0 ? NULL : Py_BuildValue("(nn)", done, err);
+}
+
 PyDoc_STRVAR(pio_drain_doc,
 "drain()\n--\n\n"
 "Refuse new calls (they return -EBADF) and wait for those in progress to\n"
@@ -1802,18 +2189,24 @@ pio_drain(packet_io_t *self, PyObject *Py_UNUSED(ignored))
 
 PyDoc_STRVAR(pio_counts_doc,
 "counts()\n--\n\n"
-"(packets_read, bytes_read, too_big, packets_written, bytes_written).");
+"The counters, as a dict named like TunStats's fields.");
 
 static PyObject *
 pio_counts(packet_io_t *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("(KKKKK)", self->packets_read, self->bytes_read, self->too_big,
-                         self->packets_written, self->bytes_written);
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsK}", "packets_read", self->packets_read, "bytes_read",
+        self->bytes_read, "dropped_too_big", self->too_big, "dropped_malformed", self->malformed,
+        "gso_read", self->gso_read, "packets_written", self->packets_written, "bytes_written",
+        self->bytes_written, "dropped_write", self->dropped_write, "gso_written",
+        self->gso_written);
 }
 
 static PyMethodDef pio_methods[] = {
     {"read", (PyCFunction)(void (*)(void))pio_read, METH_FASTCALL, pio_read_doc},
     {"write", (PyCFunction)(void (*)(void))pio_write, METH_FASTCALL, pio_write_doc},
+    {"read_gso", (PyCFunction)(void (*)(void))pio_read_gso, METH_FASTCALL, pio_read_gso_doc},
+    {"write_gso", (PyCFunction)(void (*)(void))pio_write_gso, METH_FASTCALL, pio_write_gso_doc},
     {"drain", (PyCFunction)pio_drain, METH_NOARGS, pio_drain_doc},
     {"counts", (PyCFunction)pio_counts, METH_NOARGS, pio_counts_doc},
     {NULL, NULL, 0, NULL},
@@ -1890,6 +2283,7 @@ static PyMethodDef methods[] = {
     {"coalesce", (PyCFunction)(void (*)(void))py_coalesce, METH_FASTCALL | METH_KEYWORDS,
      coalesce_doc},
     {"bind", (PyCFunction)(void (*)(void))py_bind, METH_FASTCALL, bind_doc},
+    {"gso_segments", (PyCFunction)py_gso_segments, METH_O, gso_segments_doc},
     {NULL, NULL, 0, NULL},
 };
 
