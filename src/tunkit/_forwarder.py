@@ -156,6 +156,11 @@ class Forwarder:
 
     def _read_loop(self) -> None:
         changed = self._changed
+        # gso_pair's isinstance checks against the GsoTun protocol cost
+        # microseconds, as much as a packet's system call: made once per pair
+        # of Tuns, not per read (the MTUs it also compares are read each time).
+        pair: tuple[Tun | None, Tun | None] = (None, None)
+        both_gso = False
         while True:
             with self._lock:
                 while not self._stopped and self._read_tun is None:
@@ -165,7 +170,15 @@ class Forwarder:
                 tun = self._read_tun
                 assert tun is not None
                 writer = self._write_tun
-            gso = self._passthrough and writer is not None and gso_pair(tun, writer)
+            if pair[0] is not tun or pair[1] is not writer:
+                pair = (tun, writer)
+                both_gso = isinstance(tun, GsoTun) and isinstance(writer, GsoTun)
+            gso = (
+                self._passthrough
+                and both_gso
+                and writer is not None
+                and gso_pair(tun, writer, checked=True)
+            )
             if gso:
                 offset = gso_offset(tun, writer)
                 count = GSO_BATCH
@@ -252,7 +265,11 @@ class Forwarder:
             self._writing = False
             if not finished:
                 self._queue.appendleft(batch)  # the rest goes to the new write Tun
-            self._changed.notify_all()
+            if self._queue:
+                # The writer waits for a queued batch and a free turn: it has
+                # both now. With nothing queued nobody waits for this turn, and
+                # a wake-up would cost a thread switch per inline batch.
+                self._changed.notify_all()
 
     def _write_or_drop(self, tun: Tun, batch: _Batch) -> bool:
         """Write *batch* to *tun*; return False when it must go on to a swapped-in Tun.

@@ -33,13 +33,13 @@ GSO_BUF_LEN: Final = 65535
 GSO_BATCH: Final = 16
 
 
-def gso_pair(src: object, dst: object) -> bool:
+def gso_pair(src: object, dst: object, *, checked: bool = False) -> bool:
     """Whether super-packets can go from *src* to *dst* whole.
 
-    Both must be :class:`GsoTun` s and the destination's MTU must fit the
-    source's segments.
+    Both must be :class:`GsoTun` s (*checked*: the caller knows they are) and
+    the destination's MTU must fit the source's segments.
     """
-    if not (isinstance(src, GsoTun) and isinstance(dst, GsoTun)):
+    if not checked and not (isinstance(src, GsoTun) and isinstance(dst, GsoTun)):
         return False
     return dst.mtu() >= src.mtu()  # type: ignore[attr-defined, no-any-return]
 
