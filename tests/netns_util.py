@@ -73,17 +73,13 @@ def need_tool(name: str) -> str:
     return path
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "c",
-            marks=[]
-            if tk_device.PACKET_IO
-            else [pytest.mark.skip(reason=f"no C extension: {tk_impl.REASON}")],
-        ),
-        "pure",
-    ]
+# On a test of the C path: skipped (with the reason) where the extension is missing.
+_NEEDS_PACKET_IO = (
+    [] if tk_device.PACKET_IO else [pytest.mark.skip(reason=f"no C extension: {tk_impl.REASON}")]
 )
+
+
+@pytest.fixture(params=[pytest.param("c", marks=_NEEDS_PACKET_IO), "pure"])
 def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test twice: devices without offload made in it use the C extension's
     PacketIo for read and write ("c"), then os.readv/os.write ("pure")."""
@@ -95,16 +91,7 @@ def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 # Devices for tests that run on each: with offload, and without it on each
 # read/write path (see io_path).
-DEVICE_KINDS = [
-    pytest.param(
-        "plain",
-        marks=[]
-        if tk_device.PACKET_IO
-        else [pytest.mark.skip(reason=f"no C extension: {tk_impl.REASON}")],
-    ),
-    "plain-pure",
-    "vnet",
-]
+DEVICE_KINDS = [pytest.param("plain", marks=_NEEDS_PACKET_IO), "plain-pure", "vnet"]
 
 
 def device_kind(kind: str, monkeypatch: pytest.MonkeyPatch) -> bool:

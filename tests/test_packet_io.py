@@ -117,14 +117,7 @@ def test_read_waits_for_a_packet_and_releases_the_gil(ends: Ends) -> None:
 
 
 def test_write_waits_while_the_peer_is_full(ends: Ends) -> None:
-    ends.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sent = 0
-    while True:  # fill the socket until a send would block
-        try:
-            ends.ours.send(b"f" * 500)
-            sent += 1
-        except BlockingIOError:
-            break
+    sent = _fill(ends)
     result: list[int] = []
     writer = threading.Thread(target=lambda: result.append(ends.io.write(b"w" * 520, 20)))
     writer.start()
@@ -136,12 +129,31 @@ def test_write_waits_while_the_peer_is_full(ends: Ends) -> None:
     assert ends.peer.recv(1000) == b"w" * 500
 
 
-def test_the_eventfd_ends_a_waiting_read_and_write(ends: Ends) -> None:
+def _waiting_read(ends: Ends) -> tuple[threading.Thread, list[int]]:
+    """A thread whose read waits (nothing was sent), and the list its result goes to."""
     buf, over = bytearray(OFFSET + 100), bytearray(200)
     result: list[int] = []
     reader = threading.Thread(target=lambda: result.append(ends.io.read(buf, OFFSET, over)))
     reader.start()
     time.sleep(0.05)
+    assert reader.is_alive(), "read returned with nothing to read"
+    return reader, result
+
+
+def _fill(ends: Ends) -> int:
+    """Fill our end's socket buffer until a send would block; return how many were sent."""
+    ends.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    while True:
+        try:
+            ends.ours.send(b"f" * 500)
+            sent += 1
+        except BlockingIOError:
+            return sent
+
+
+def test_the_eventfd_ends_a_waiting_read(ends: Ends) -> None:
+    reader, result = _waiting_read(ends)
     started = time.monotonic()
     os.eventfd_write(ends.wake, 1)
     reader.join(5)
@@ -171,11 +183,7 @@ def test_after_drain_no_call_reaches_the_number(ends: Ends) -> None:
 
 
 def test_drain_waits_for_a_call_in_progress(ends: Ends) -> None:
-    buf, over = bytearray(OFFSET + 100), bytearray(200)
-    result: list[int] = []
-    reader = threading.Thread(target=lambda: result.append(ends.io.read(buf, OFFSET, over)))
-    reader.start()
-    time.sleep(0.05)
+    reader, result = _waiting_read(ends)
     os.eventfd_write(ends.wake, 1)
     ends.io.drain()
     assert result == [-errno.EBADF]  # drain returned only after the read did
@@ -347,14 +355,7 @@ def test_write_gso_writes_whole_and_hands_back_a_refused_kind(ends: Ends) -> Non
 
 
 def test_write_gso_waits_while_the_peer_is_full(ends: Ends) -> None:
-    ends.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sent = 0
-    while True:
-        try:
-            ends.ours.send(b"f" * 500)
-            sent += 1
-        except BlockingIOError:
-            break
+    sent = _fill(ends)
     pkt = bytes(AT) + vnet() + Flow().packet(b"late")
     result: list[tuple[int, int]] = []
     writer = threading.Thread(target=lambda: result.append(ends.io.write_gso([pkt], AT, 0)))
