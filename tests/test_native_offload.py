@@ -20,6 +20,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -378,6 +379,11 @@ def test_write_gso_splits_what_the_kernel_refuses(netns_factory: MakeNs, io_path
         stats = h.tun.stats()
         assert refusing.refused == 1 and stats.gro_refused == 1
         assert stats.packets_written == len(expected) + 1 and stats.dropped_write == 0
+        # UDP is split first from now on; any Sequence will do for the batch.
+        assert gso.write_gso(deque([bytes(6) + superpkt, bytes(6) + single])) == 2
+        got = h.collect(len(expected) + 1, timeout=5)
+        assert sorted(got) == sorted([*expected, single[10:]])
+        assert refusing.refused == 1 and h.tun.stats().gro_refused == 1
         # A malformed super-packet that the kernel refuses cannot be split: dropped, counted.
         bad = bytearray(superpkt)
         bad[10] = 0x75  # IP version 7

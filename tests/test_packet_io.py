@@ -30,6 +30,7 @@ from tunkit._speedups import PacketIo
 pytestmark = pytest.mark.timeout(30)
 
 OFFSET = 16
+AT = OFFSET - 10  # read_gso/write_gso: where the virtio-net header goes, before the packet
 COUNTERS = (
     "packets_read",
     "bytes_read",
@@ -222,6 +223,15 @@ def test_bad_arguments_raise(ends: Ends) -> None:
         ends.io.write(object(), 0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="negative descriptor"):
         PacketIo(-1, 3)
+    # Initialised once: a second __init__ could reset the count of calls in progress.
+    with pytest.raises(TypeError, match="already initialised"):
+        ends.io.__init__(ends.ours.fileno(), ends.wake)  # type: ignore[misc]
+    # Never initialised: no descriptor to touch, every call refused.
+    bare = PacketIo.__new__(PacketIo)
+    assert bare.write(b"x" * 40, OFFSET) == -errno.EBADF
+    assert bare.read_gso([bytearray(100)], [0], AT, bytearray(10)) == (0, -errno.EBADF)
+    with pytest.raises(TypeError, match="sequence of buffers"):
+        ends.io.write_gso(42, AT, 0)  # type: ignore[arg-type]
     # An offset past the end writes an empty record, as buf[offset:] is empty.
     assert ends.io.write(b"abc", 10) == 0
     assert ends.peer.recv(10) == b""
@@ -274,7 +284,6 @@ def test_an_exception_from_a_signal_handler_ends_the_read(ends: Ends) -> None:
 
 # --- whole kernel packets: read_gso / write_gso ----------------------------------
 
-AT = OFFSET - 10  # where the virtio-net header goes, in front of the packet
 
 
 def test_read_gso_takes_what_is_waiting_and_drops_what_is_bad(ends: Ends) -> None:

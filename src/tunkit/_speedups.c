@@ -1467,8 +1467,13 @@ py_coalesce(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject 
     if (offset_slice == NULL) {
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(a[0], "coalesce() needs a sequence of buffers");
+    /* A tuple of its own: getting a buffer may run Python code (a __buffer__
+     * method, a cast) that could shrink a list under a borrowed item. */
+    PyObject *seq = PySequence_Check(a[0]) ? PySequence_Tuple(a[0]) : NULL;
     if (seq == NULL) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_SetString(PyExc_TypeError, "coalesce() needs a sequence of buffers");
+        }
         Py_DECREF(offset_slice);
         return NULL;
     }
@@ -1563,6 +1568,7 @@ typedef struct {
     PyObject_HEAD
     int fd;
     int wake;
+    int ready; /* __init__ ran (once: a second one could reset the count) */
     atomic_int users;
     atomic_int closing;
     /* Counters: written with the GIL held, by the calls that own them. */
@@ -1630,6 +1636,18 @@ io_settle(packet_io_t *self, Py_ssize_t *n)
     return 1;
 }
 
+static PyObject *
+pio_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    packet_io_t *self = (packet_io_t *)PyType_GenericNew(type, args, kwds);
+    if (self != NULL) {
+        /* Until __init__ gives it descriptors, every call is refused (-EBADF). */
+        self->fd = self->wake = -1;
+        atomic_store(&self->closing, 1);
+    }
+    return (PyObject *)self;
+}
+
 static int
 pio_init(packet_io_t *self, PyObject *args, PyObject *kwds)
 {
@@ -1642,10 +1660,15 @@ pio_init(packet_io_t *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "PacketIo: negative descriptor");
         return -1;
     }
+    if (self->ready) {
+        PyErr_SetString(PyExc_TypeError, "PacketIo: already initialised");
+        return -1;
+    }
     self->fd = fd;
     self->wake = wake;
     atomic_store(&self->users, 0);
     atomic_store(&self->closing, 0);
+    self->ready = 1;
     return 0;
 }
 
@@ -1890,8 +1913,12 @@ py_gso_segments(PyObject *Py_UNUSED(module), PyObject *arg)
 static Py_buffer *
 take_bufs(PyObject *seq, Py_ssize_t *count, int flags)
 {
-    PyObject *fast = PySequence_Fast(seq, "bufs must be a sequence of buffers");
+    /* A tuple of its own (see coalesce): the items stay while buffers are taken. */
+    PyObject *fast = PySequence_Check(seq) ? PySequence_Tuple(seq) : NULL;
     if (fast == NULL) {
+        if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_SetString(PyExc_TypeError, "bufs must be a sequence of buffers");
+        }
         return NULL;
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
@@ -2040,13 +2067,12 @@ pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     }
     self->too_big += too_big;
     self->malformed += malformed;
-    self->packets_read += packets;
-    self->bytes_read += bytes;
-    self->gso_read += gso;
     PyObject *result = NULL;
     if (go >= 0) {
         Py_ssize_t i = 0;
         for (; i < stored; i++) {
+            /* sizes was checked above, but another thread may have shrunk it
+             * meanwhile: then the packets are lost, and not counted as read. */
             PyObject *size = PyLong_FromSsize_t(lens[i]);
             if (size == NULL || PySequence_SetItem(args[1], i, size) < 0) {
                 Py_XDECREF(size);
@@ -2055,6 +2081,9 @@ pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(size);
         }
         if (i == stored) {
+            self->packets_read += packets;
+            self->bytes_read += bytes;
+            self->gso_read += gso;
             result = Py_BuildValue("(nn)", stored, err);
         }
     }
@@ -2226,7 +2255,7 @@ static PyTypeObject packet_io_type = {
     .tp_doc = pio_doc,
     .tp_methods = pio_methods,
     .tp_init = (initproc)pio_init,
-    .tp_new = PyType_GenericNew,
+    .tp_new = pio_new,
 };
 
 /* ------------------------------------------------------------------------ */

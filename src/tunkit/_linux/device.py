@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import fcntl
 import ipaddress
+import itertools
 import os
 import socket
 import struct
@@ -961,7 +962,8 @@ class GsoNativeTun(NativeTun):
         total = len(bufs)
         done = 0
         while done < total:
-            n, err = io.write_gso(bufs[done:] if done else bufs, at, self._refused_mask)
+            rest = bufs if not done else list(itertools.islice(bufs, done, None))
+            n, err = io.write_gso(rest, at, self._refused_mask)
             done += n
             if err == 0 or err == -errno.EINTR:
                 continue

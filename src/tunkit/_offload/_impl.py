@@ -167,7 +167,12 @@ NATIVE: Final[Engine | None] = (
     )
 )
 ACTIVE: Final = PURE if NATIVE is None else NATIVE
-PACKET_IO: Final[PacketIoType | None] = None if _native is None else _native.PacketIo
+# getattr: an extension built from an older tunkit (a stale in-place build)
+# has no PacketIo, or one without read_gso; the Python path serves then.
+_packet_io = getattr(_native, "PacketIo", None)
+PACKET_IO: Final[PacketIoType | None] = (
+    _packet_io if hasattr(_packet_io, "read_gso") else None
+)
 """The C read and write of one packet (device.py), when the extension is loaded; else None."""
 
 ones_sum: Final = ACTIVE.ones_sum
