@@ -18,6 +18,7 @@ import fcntl
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections import deque
@@ -135,6 +136,29 @@ def test_tcp_200_mb_split_on_read_and_coalesced_on_write(make_pair: Callable[...
     assert a.bytes_read > size and b.bytes_written > size
     assert a.dropped_malformed == a.dropped_too_big == b.dropped_write == 0
     assert a.gso_read == b.gso_written == 0  # read_gso/write_gso were not used
+
+
+@pytest.mark.timeout(120)
+def test_small_mtu_super_packets_fit_a_batch(make_pair: Callable[..., Pair]) -> None:
+    """At MTU 400 a 64 KB super-packet would be ~180 segments, more than batch_size().
+
+    The device caps the kernel's super-packets at 128 segments (gso_max_segs),
+    so read() splits every one into its 128 buffers: nothing dropped.
+    """
+    pair = make_pair()
+    for tun, ns in ((pair.a, pair.ns_a), (pair.b, pair.ns_b)):
+        tun.set_mtu(400)  # after the IPv6 addresses, which need 1280: IPv4 only now
+        link = subprocess.run(
+            ["ip", "-n", ns, "-d", "link", "show", tun.name()],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        assert "gso_max_segs 128 " in link, link
+    pair.start_copy(passthrough=False)
+    size = 16 << 20
+    tcp_transfer(pair, size)
+    a, b = pair.settled_stats()
+    assert a.gso_split > 0, a  # super-packets came, and were split
+    assert a.dropped_too_big == a.dropped_malformed == b.dropped_write == 0, (a, b)
 
 
 def _gso_loop(src: GsoNativeTun, dst: GsoNativeTun) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -1075,6 +1076,15 @@ def _make(
             netlink.set_mtu(ns_fd, monitor.state.ifindex, mtu)
             # The kernel's answer to our own change is not an event: start from it.
             monitor.note_mtu(mtu)
+        if vnet_hdr:
+            # A super-packet of more segments than a read's batch_size()
+            # buffers cannot be split into them: at an MTU below ~560 a 64 KB
+            # one has more than 128. Capped here, the kernel builds none
+            # larger (it segments the rest itself). An older kernel that
+            # cannot change it keeps its default: such packets are then
+            # dropped and counted by read (TooManySegmentsError).
+            with contextlib.suppress(OSError):
+                netlink.set_gso_max_segs(ns_fd, monitor.state.ifindex, BATCH_OFFLOAD)
         cls = GsoNativeTun if vnet_hdr else NativeTun
         return cls(
             fd, name, vnet_hdr=vnet_hdr, offload_flags=offload_flags, ns_fd=ns_fd, monitor=monitor

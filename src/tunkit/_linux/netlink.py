@@ -304,6 +304,15 @@ def set_mtu(ns: int | str | None, index: int, mtu: int) -> None:
     _request(ns, f"setting MTU {mtu}", lambda ipr: ipr.link("set", index=index, mtu=mtu))
 
 
+def set_gso_max_segs(ns: int | str | None, index: int, segs: int) -> None:
+    """Cap the segments of the super-packets the kernel hands link *index* (IFLA_GSO_MAX_SEGS)."""
+    _request(
+        ns,
+        f"setting gso_max_segs {segs}",
+        lambda ipr: ipr.link("set", index=index, gso_max_segs=segs),
+    )
+
+
 def set_up(ns: int | str | None, index: int, up: bool) -> None:
     """Set link *index* administratively up or down."""
     state = "up" if up else "down"
