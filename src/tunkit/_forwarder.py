@@ -156,11 +156,14 @@ class Forwarder:
 
     def _read_loop(self) -> None:
         changed = self._changed
-        # gso_pair's isinstance checks against the GsoTun protocol cost
-        # microseconds, as much as a packet's system call: made once per pair
-        # of Tuns, not per read (the MTUs it also compares are read each time).
-        pair: tuple[Tun | None, Tun | None] = (None, None)
-        both_gso = False
+        # How to read for the current pair of Tuns, worked out again only when
+        # either Tun or MTU changes: gso_pair's isinstance checks against the
+        # GsoTun protocol alone cost microseconds, as much as a packet's system
+        # call when each batch is one packet (no offload).
+        key: tuple[object, ...] = ()
+        gso_mtu = offset = count = size = 0
+        read: Callable[..., int] = _no_read
+        sizes: list[int] = []
         while True:
             with self._lock:
                 while not self._stopped and self._read_tun is None:
@@ -170,36 +173,34 @@ class Forwarder:
                 tun = self._read_tun
                 assert tun is not None
                 writer = self._write_tun
-            if pair[0] is not tun or pair[1] is not writer:
-                pair = (tun, writer)
-                both_gso = isinstance(tun, GsoTun) and isinstance(writer, GsoTun)
-            gso = (
-                self._passthrough
-                and both_gso
-                and writer is not None
-                and gso_pair(tun, writer, checked=True)
-            )
-            if gso:
-                offset = gso_offset(tun, writer)
-                count = GSO_BATCH
-                size = offset + GSO_BUF_LEN
-                read = tun.read_gso  # type: ignore[attr-defined]
-            else:
-                # Read with the headroom the write Tun needs, so the batch is written in place.
-                offset = max(tun.mro(), writer.mwo() if writer is not None else 0)
-                count = max(tun.batch_size(), 1)
-                size = offset + tun.mtu()
-                read = tun.read
-            # Buffers not filled by the last read are kept for the next one: only
-            # the n buffers handed on with a batch are taken from the pool again.
+            mtu = tun.mtu()
+            now = (tun, writer, mtu, writer.mtu() if writer is not None else 0)
+            if now != key:
+                key = now
+                if self._passthrough and writer is not None and gso_pair(tun, writer):
+                    gso_mtu = mtu
+                    offset = gso_offset(tun, writer)
+                    count = GSO_BATCH
+                    size = offset + GSO_BUF_LEN
+                    read = tun.read_gso  # type: ignore[attr-defined]
+                else:
+                    # Read with the headroom the write Tun needs, so the batch is
+                    # written in place.
+                    gso_mtu = 0
+                    offset = max(tun.mro(), writer.mwo() if writer is not None else 0)
+                    count = max(tun.batch_size(), 1)
+                    size = offset + mtu
+                    read = tun.read
+                sizes = [0] * count
+            # Buffers not handed on with a batch are kept for the next read: only
+            # the buffers of queued batches are taken from the pool again.
             spare = self._spare
             if spare and len(spare[0]) != size:
                 self._release(spare)
                 spare = self._spare = []
             while len(spare) < count:
                 spare.append(get_buffer(self._pool, size))
-            bufs = spare[:count]
-            sizes = [0] * count
+            bufs = spare[:count] if len(spare) > count else spare
             try:
                 n = read(bufs, sizes, offset)
             except RetryableError:
@@ -209,8 +210,6 @@ class Forwarder:
                 continue
             if n <= 0:
                 continue
-            del spare[:n]
-            batch = _Batch(bufs[:n], sizes[:n], offset, tun.mtu() if gso else 0)
             with self._lock:
                 # Write it on this thread when nothing is queued and the writer is
                 # idle: no hand-off, so no thread switch on the common path.
@@ -218,6 +217,8 @@ class Forwarder:
                 if inline is not None:
                     self._writing = True
                 else:
+                    batch = _Batch(spare[:n], sizes[:n], offset, gso_mtu)
+                    del spare[:n]
                     while not self._stopped and len(self._queue) >= _QUEUE_DEPTH:
                         changed.wait()
                     if self._stopped:
@@ -227,7 +228,31 @@ class Forwarder:
                     if len(self._queue) == 1:
                         changed.notify_all()  # the writer may be waiting for work
             if inline is not None:
-                self._deliver(inline, batch)
+                self._deliver_inline(inline, n, sizes, offset, gso_mtu)
+
+    def _deliver_inline(
+        self, tun: Tun, n: int, sizes: list[int], offset: int, gso_mtu: int
+    ) -> None:
+        """Write the *n* packets just read into ``_spare[:n]`` on the reader's thread.
+
+        Like :meth:`_deliver`, holding the writing turn. Written in place, the
+        buffers stay spare for the next read, with no trip through the pool;
+        a batch cut short by a swap takes them to the queue.
+        """
+        spare = self._spare
+        batch = _Batch(spare[:n], sizes[:n], offset, gso_mtu)
+        in_place = bool(gso_mtu) or offset >= tun.mwo()
+        if not in_place:
+            del spare[:n]  # _write copies them behind more headroom, and releases them
+        finished = self._write_or_drop(tun, batch, release=not in_place)
+        with self._lock:
+            self._writing = False
+            if not finished:
+                if in_place:
+                    del spare[:n]  # now the batch's, for the new write Tun
+                self._queue.appendleft(batch)
+            if self._queue:
+                self._changed.notify_all()  # see _deliver
 
     def _drop_read(self, tun: Tun) -> None:
         """Close *tun* after it failed; wait for a new one unless it was already swapped."""
@@ -271,12 +296,13 @@ class Forwarder:
                 # a wake-up would cost a thread switch per inline batch.
                 self._changed.notify_all()
 
-    def _write_or_drop(self, tun: Tun, batch: _Batch) -> bool:
+    def _write_or_drop(self, tun: Tun, batch: _Batch, *, release: bool = True) -> bool:
         """Write *batch* to *tun*; return False when it must go on to a swapped-in Tun.
 
         A write error closes *tun* and drops the batch; a ``ClosedError``
         because *tun* was swapped out keeps the unwritten rest for the new one.
-        The batch's buffers are returned to the pool once it is finished.
+        The batch's buffers are returned to the pool once it is finished
+        (with *release*; else the caller keeps them).
         """
         try:
             self._write(tun, batch)
@@ -288,7 +314,8 @@ class Forwarder:
             close_quietly(tun)
             if swapped and isinstance(exc, ClosedError) and not self._stopped:
                 return False
-        self._release(batch.bufs)
+        if release:
+            self._release(batch.bufs)
         return True
 
     def _write(self, tun: Tun, batch: _Batch) -> None:
@@ -363,6 +390,10 @@ def _write_tracked(
         if written <= 0:
             raise TunError(WRITE_NO_PROGRESS)
         batch.done += written
+
+
+def _no_read(*args: object) -> int:
+    raise AssertionError("read before the Tuns were known")  # pragma: no cover
 
 
 class Point2Point:
