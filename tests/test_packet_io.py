@@ -18,8 +18,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from packets import UDP, Flow, payload_bytes, vnet
 
+from tunkit._linux.vnet import gso_segments
 from tunkit._offload._impl import PACKET_IO, REASON
 
 if PACKET_IO is None:
@@ -285,7 +288,6 @@ def test_an_exception_from_a_signal_handler_ends_the_read(ends: Ends) -> None:
 # --- whole kernel packets: read_gso / write_gso ----------------------------------
 
 
-
 def test_read_gso_takes_what_is_waiting_and_drops_what_is_bad(ends: Ends) -> None:
     tcp = Flow().super_packet(payload_bytes(3000), 1000)  # 3050 bytes
     udp = Flow.v6(UDP).super_packet(payload_bytes(2500), 1000)  # 2558 bytes
@@ -376,3 +378,66 @@ def test_write_gso_waits_while_the_peer_is_full(ends: Ends) -> None:
     writer.join(5)
     assert result == [(1, 0)]
     assert ends.peer.recv(1000) == pkt[AT:]
+
+
+@st.composite
+def _datagrams(draw: st.DrawFn) -> list[bytes]:
+    """What reads of a device with the virtio header might return: valid, damaged, noise."""
+    out = []
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["super", "single", "damaged", "noise"]))
+        if kind == "noise":
+            out.append(draw(st.binary(max_size=120)))
+            continue
+        flow = draw(st.sampled_from([Flow(), Flow.v6(), Flow(proto=UDP), Flow.v6(UDP)]))
+        if kind == "single":
+            data = bytearray(vnet() + flow.packet(payload_bytes(draw(st.integers(0, 1400)))))
+        else:
+            payload = payload_bytes(draw(st.integers(1, 6000)))
+            data = bytearray(flow.super_packet(payload, draw(st.integers(1, 1500))))
+        if kind == "damaged":
+            for _ in range(draw(st.integers(1, 3))):
+                data[draw(st.integers(0, min(len(data) - 1, 80)))] = draw(st.integers(0, 255))
+            del data[draw(st.integers(0, len(data))) :]
+        out.append(bytes(data))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    datagrams=_datagrams(), room=st.sampled_from([60, 1500, 4000, 9000]), batch=st.integers(1, 5)
+)
+def test_read_gso_keeps_exactly_what_the_python_check_accepts(
+    datagrams: list[bytes], room: int, batch: int
+) -> None:
+    """Any kernel reads through PacketIo.read_gso: stored, dropped and counted as vnet.py says."""
+    ends = Ends()
+    try:
+        sentinel = vnet() + Flow().packet(b"end")  # stored last: the final call returns
+        for data in [*datagrams, sentinel]:
+            ends.peer.send(data)
+        bufs = [bytearray(AT + room) for _ in range(batch)]
+        sizes = [0] * batch
+        got: list[bytes] = []
+        while not got or got[-1] != sentinel:
+            stored, err = ends.io.read_gso(bufs, sizes, AT, bytearray(70000))
+            assert err == 0 and 1 <= stored <= batch
+            got += [bytes(bufs[i][AT : AT + 10 + sizes[i]]) for i in range(stored)]
+        kept = [
+            d for d in [*datagrams, sentinel] if len(d) <= room and gso_segments(memoryview(d))[0]
+        ]
+        assert got == kept
+        verdicts = [gso_segments(memoryview(d)) for d in kept]
+        assert ends.io.counts() == counts(
+            packets_read=sum(seg for seg, _ in verdicts),
+            bytes_read=sum(
+                len(d) - 10 + (seg - 1) * hdr for d, (seg, hdr) in zip(kept, verdicts, strict=True)
+            ),
+            dropped_too_big=sum(len(d) > room for d in datagrams),
+            dropped_malformed=sum(
+                len(d) <= room and not gso_segments(memoryview(d))[0] for d in datagrams
+            ),
+            gso_read=sum(hdr > 0 for _, hdr in verdicts),
+        )
+    finally:
+        ends.close()
