@@ -22,18 +22,19 @@ class ScriptedTun(CallbackTun):
 
     def __init__(self, tun: Any) -> None:
         super().__init__(tun)
-        self.read_errors: list[BaseException] = []
-        self.write_errors: list[BaseException] = []
+        # Queued per call; None lets that call through.
+        self.read_errors: list[BaseException | None] = []
+        self.write_errors: list[BaseException | None] = []
         self.write_sizes: list[int] = []
 
     def read(self, bufs: Sequence[Any], sizes: MutableSequence[int], offset: int = 0) -> int:
-        if self.read_errors:
-            raise self.read_errors.pop(0)
+        if self.read_errors and (error := self.read_errors.pop(0)) is not None:
+            raise error
         return super().read(bufs, sizes, offset)
 
     def write(self, bufs: Sequence[Any], offset: int = 0) -> int:
-        if self.write_errors:
-            raise self.write_errors.pop(0)
+        if self.write_errors and (error := self.write_errors.pop(0)) is not None:
+            raise error
         self.write_sizes.append(len(bufs))
         return super().write(bufs, offset)
 
@@ -198,9 +199,11 @@ def test_forwarder_waits_without_tuns_and_stop_joins_its_threads() -> None:
     a.close()
 
 
-def test_forwarder_hot_swap_of_the_write_tun_loses_no_accepted_packet() -> None:
+@pytest.mark.parametrize("batch", [4, 1], ids=["batches", "streak"])
+def test_forwarder_hot_swap_of_the_write_tun_loses_no_accepted_packet(batch: int) -> None:
+    """Batch 1 (no offload) is moved by the reader's streak of its own writes."""
     pool = DebugPool()
-    src_user, src = tunkit.pipe(4)
+    src_user, src = tunkit.pipe(batch)
     first, first_user = tunkit.pipe(2)
     fwd = Forwarder(pool)
     fwd.set_read_tun(src)
@@ -225,8 +228,11 @@ def test_forwarder_hot_swap_of_the_write_tun_loses_no_accepted_packet() -> None:
     accepted: list[int] = []
 
     def produce() -> None:
-        for i in range(0, total, 4):
-            accepted.append(src_user.write(packets[i : i + 4]))
+        i = 0
+        while i < total:
+            n = src_user.write(packets[i : i + 4])
+            accepted.append(n)
+            i += n
 
     writer, werr = in_thread(produce)
     swaps = []
@@ -294,6 +300,58 @@ def test_forwarder_write_error_drops_the_batch_and_waits_for_a_new_write_tun() -
         assert read_packets(good_user, 1) == [b"delivered"]
         writer.join(5)
     for t in (src_user, bad_user, good_user):
+        t.close()
+
+
+def _wait_closed(tun: Any) -> None:
+    deadline = time.monotonic() + 5
+    while not tun.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tun.closed
+
+
+def test_forwarder_write_error_in_a_streak_drops_that_packet() -> None:
+    """Batch 1: after the first packet the reader writes a streak; an error there is as ever."""
+    src_user, src = tunkit.pipe()
+    bad_raw, bad_user = tunkit.pipe()
+    bad = ScriptedTun(bad_raw)
+    bad.write_errors = [None, None, RuntimeError("write failed")]
+    packets = [ipv4_packet(i, 60) for i in range(4)]
+    pool = DebugPool()
+    with Forwarder(pool) as fwd:
+        fwd.set_write_tun(bad)
+        fwd.set_read_tun(src)
+        writer, _ = in_thread(lambda: write_packets(src_user, packets))
+        assert read_packets(bad_user, 2) == packets[:2]
+        _wait_closed(bad_raw)  # packet 2 met the error: dropped with the Tun
+        good, good_user = tunkit.pipe()
+        fwd.set_write_tun(good)
+        assert read_packets(good_user, 1) == packets[3:]  # held for the new write Tun
+        writer.join(5)
+    assert pool.outstanding == 0
+    for t in (src_user, bad_user, good_user):
+        t.close()
+
+
+def test_forwarder_read_error_in_a_streak_closes_that_tun() -> None:
+    src_user, src_raw = tunkit.pipe()
+    src = ScriptedTun(src_raw)
+    src.read_errors = [None, None, RuntimeError("read failed")]
+    dst, dst_user = tunkit.pipe()
+    packets = [ipv4_packet(i, 60) for i in range(4)]
+    with Forwarder() as fwd:
+        fwd.set_write_tun(dst)
+        fwd.set_read_tun(src)
+        writer, _ = in_thread(lambda: write_packets(src_user, packets[:2]))
+        assert read_packets(dst_user, 2) == packets[:2]
+        writer.join(5)
+        _wait_closed(src_raw)  # the third read failed, in the streak
+        new_user, new_src = tunkit.pipe()
+        fwd.set_read_tun(new_src)
+        writer, _ = in_thread(lambda: write_packets(new_user, packets[2:]))
+        assert read_packets(dst_user, 2) == packets[2:]
+        writer.join(5)
+    for t in (src_user, dst_user, new_user):
         t.close()
 
 

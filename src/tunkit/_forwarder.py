@@ -25,6 +25,8 @@ __all__ = ["Forwarder", "Point2Point"]
 # while the writer is in a system call, so neither waits on the other per
 # packet: in CPython every such wait is a thread switch (tens of µs here).
 _QUEUE_DEPTH: Final = 32
+# Packets a reader moves in one streak of its own writes (see Forwarder._streak).
+_STREAK: Final = 256
 
 
 @final
@@ -228,31 +230,81 @@ class Forwarder:
                     if len(self._queue) == 1:
                         changed.notify_all()  # the writer may be waiting for work
             if inline is not None:
-                self._deliver_inline(inline, n, sizes, offset, gso_mtu)
+                self._deliver_inline(inline, n, sizes, offset, gso_mtu, tun, read)
 
     def _deliver_inline(
-        self, tun: Tun, n: int, sizes: list[int], offset: int, gso_mtu: int
+        self,
+        tun: Tun,
+        n: int,
+        sizes: list[int],
+        offset: int,
+        gso_mtu: int,
+        src: Tun,
+        read: Callable[..., int],
     ) -> None:
         """Write the *n* packets just read into ``_spare[:n]`` on the reader's thread.
 
         Like :meth:`_deliver`, holding the writing turn. Written in place, the
         buffers stay spare for the next read, with no trip through the pool;
-        a batch cut short by a swap takes them to the queue.
+        a batch cut short by a swap takes them to the queue. One packet at a
+        time (no offload), the turn is kept for a :meth:`_streak` of more.
         """
         spare = self._spare
         batch = _Batch(spare[:n], sizes[:n], offset, gso_mtu)
         in_place = bool(gso_mtu) or offset >= tun.mwo()
         if not in_place:
             del spare[:n]  # _write copies them behind more headroom, and releases them
-        finished = self._write_or_drop(tun, batch, release=not in_place)
+        rest: _Batch | None = None  # for the new write Tun
+        if not self._write_or_drop(tun, batch, release=not in_place):
+            if in_place:
+                del spare[:n]  # now the batch's
+            rest = batch
+        elif in_place and not gso_mtu and len(sizes) == 1:
+            rest = self._streak(src, read, tun, sizes, offset)
         with self._lock:
             self._writing = False
-            if not finished:
-                if in_place:
-                    del spare[:n]  # now the batch's, for the new write Tun
-                self._queue.appendleft(batch)
+            if rest is not None:
+                self._queue.appendleft(rest)
             if self._queue:
                 self._changed.notify_all()  # see _deliver
+
+    def _streak(
+        self, src: Tun, read: Callable[..., int], dst: Tun, sizes: list[int], offset: int
+    ) -> _Batch | None:
+        """Read from *src* and write to *dst* one packet at a time, holding the writing turn.
+
+        The loop of :func:`copy` with the Forwarder's rules: at one packet per
+        system call, the read loop's setup and hand-over checks would cost
+        more than the calls. Nothing can be queued meanwhile (only this
+        thread queues), and every change that matters closes the Tun a call
+        is using, which ends the streak: a swap of either Tun, stop(). A
+        streak also ends after ``_STREAK`` packets, so the read loop sees a
+        changed MTU. Returns a packet cut short by a swap of *dst*, for the
+        new write Tun (its buffer leaves ``_spare``), else None.
+        """
+        spare = self._spare
+        buf = spare[0]
+        bufs = [buf]
+        view = memoryview(buf)
+        write = dst.write
+        for _ in range(_STREAK):
+            try:
+                if read(bufs, sizes, offset) <= 0:
+                    continue
+            except RetryableError:
+                continue
+            except Exception:
+                self._drop_read(src)
+                return None
+            try:
+                if write((view[: offset + sizes[0]],), offset) <= 0:
+                    raise TunError(WRITE_NO_PROGRESS)
+            except Exception as exc:
+                if not self._write_failed(dst, exc):
+                    return None  # dropped with dst, as _write_or_drop does
+                del spare[:1]
+                return _Batch(bufs, sizes[:1], offset)
+        return None
 
     def _drop_read(self, tun: Tun) -> None:
         """Close *tun* after it failed; wait for a new one unless it was already swapped."""
@@ -307,16 +359,25 @@ class Forwarder:
         try:
             self._write(tun, batch)
         except Exception as exc:
-            with self._lock:
-                swapped = self._write_tun is not tun
-                if not swapped:
-                    self._write_tun = None
-            close_quietly(tun)
-            if swapped and isinstance(exc, ClosedError) and not self._stopped:
+            if self._write_failed(tun, exc):
                 return False
         if release:
             self._release(batch.bufs)
         return True
+
+    def _write_failed(self, tun: Tun, exc: Exception) -> bool:
+        """*tun* failed a write with *exc*: close it; return whether the rest goes on.
+
+        True when *tun* was swapped out (its ``ClosedError`` came from that):
+        the unwritten packets go to the new write Tun. Else the write Tun is
+        gone (None: batches wait for a new one) and the packets are dropped.
+        """
+        with self._lock:
+            swapped = self._write_tun is not tun
+            if not swapped:
+                self._write_tun = None
+        close_quietly(tun)
+        return swapped and isinstance(exc, ClosedError) and not self._stopped
 
     def _write(self, tun: Tun, batch: _Batch) -> None:
         """Write the unwritten packets of *batch* to *tun*, recording progress in ``done``."""
