@@ -15,12 +15,14 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from conformance import Harness, TunConformance
 from netns_util import NativeHarness, io_path, netns_factory, ns_run, root  # noqa: F401
 
 from tunkit import ClosedError, Event, GsoTun, OffsetError, Tun
+from tunkit._linux import device as tk_device
 from tunkit._linux import netns as tk_netns
 from tunkit._linux.constants import (
     IFF_NO_PI,
@@ -192,6 +194,58 @@ def test_written_packets_are_dropped_and_counted_while_down(
         assert h.collect(1, timeout=5) == [pkt]
         assert h.tun.stats().dropped_write == 3
         assert h.tun.stats().packets_written == 1
+    finally:
+        h.close()
+
+
+def test_write_closed_midway_returns_what_went_out(
+    netns_factory: MakeNs, io_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while a batch is being written: the packets sent are returned, the retry raises."""
+    h = NativeHarness(netns_factory("midway"))
+    try:
+        pkts = [h.packet(i, 100) for i in range(3)]
+        if io_path == "pure":
+            # The kernel is full after the first packet, and close() comes while waiting.
+            real_write = tk_device._write
+            calls = [0]
+
+            def full_after_one(fd: int, data: Any) -> int:
+                calls[0] += 1
+                if calls[0] > 1:
+                    raise BlockingIOError(errno.EAGAIN, "full")
+                return real_write(fd, data)
+
+            def closed(self: Any) -> None:
+                raise self.closed_error("write")
+
+            monkeypatch.setattr(tk_device, "_write", full_after_one)
+            monkeypatch.setattr(tk_device._Descriptor, "wait_writable", closed)
+            assert h.tun.write([bytes(16) + p for p in pkts]) == 1
+            with pytest.raises(ClosedError):
+                h.tun.write([bytes(16) + p for p in pkts[1:]])
+        else:
+            # close() between two packets (here from the writing thread itself, which
+            # the C write allows: it holds no lock); PacketIo refuses the rest.
+            io = h.tun._io
+            assert io is not None
+
+            class CloseAfterOne:
+                calls = 0
+
+                def write(self, buf: Any, offset: int) -> int:
+                    self.calls += 1
+                    if self.calls == 2:
+                        h.tun.close()  # takes no lock the C write holds: returns at once
+                    return io.write(buf, offset)
+
+            h.tun._io = CloseAfterOne()  # type: ignore[assignment]
+            assert h.tun.write([bytes(16) + p for p in pkts]) == 1
+            with pytest.raises(ClosedError):
+                h.tun.write([bytes(16) + p for p in pkts[1:]])
+            assert io.counts()["packets_written"] == 1
+            return
+        assert h.collect(1, timeout=5) == pkts[:1]
     finally:
         h.close()
 

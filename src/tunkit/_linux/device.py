@@ -443,7 +443,12 @@ class NativeTun:
                         n = _write(d.fd, pkt)
                         break
                     except BlockingIOError:
-                        d.wait_writable()  # raises ClosedError once close() began
+                        try:
+                            d.wait_writable()  # raises ClosedError once close() began
+                        except ClosedError:
+                            if done:
+                                return done  # the caller's retry meets it
+                            raise
                     except OSError as exc:
                         n = -exc.errno if exc.errno in _DROPPED_ON_WRITE else 0
                         if n:
