@@ -89,6 +89,16 @@ _packet_io = PACKET_IO
 # is down, EINVAL for bytes that are not an IPv4 or IPv6 packet.
 _DROPPED_ON_WRITE: Final = frozenset({errno.EIO, errno.EINVAL})
 _SPLIT_FIRST: Final = 1  # PacketIo.write_gso: a super-packet of a refused kind
+# The kinds of super-packet a kernel refused, as bits (PacketIo.write_gso's *refused*).
+_REFUSED_TCP: Final = 1
+_REFUSED_UDP: Final = 2
+
+
+def _refused_bit(gso_type: int) -> int:
+    """The refusal bit of a virtio ``gso_type``: UDP (USO) or TCP (TSO, v4 or v6)."""
+    if gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_UDP_L4:
+        return _REFUSED_UDP
+    return _REFUSED_TCP
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -659,9 +669,7 @@ class GsoNativeTun(NativeTun):
         # kernel refused (EINVAL) is split before writing from then on.
         uso = offload_flags & _OFFLOAD_USO == _OFFLOAD_USO
         self._coalescer = Coalescer(tcp=True, udp=bool(uso))
-        self._refused_tcp = False
-        self._refused_udp = False
-        self._refused_mask = 0  # the same for PacketIo.write_gso: 1 TCP, 2 UDP
+        self._refused = 0  # kinds refused (_REFUSED_TCP, _REFUSED_UDP), as PacketIo.write_gso takes
         self._seg_bufs: list[bytearray] = []  # segments of a refused super-packet
         self._seg_sizes: list[int] = []
         super().__init__(
@@ -787,7 +795,7 @@ class GsoNativeTun(NativeTun):
             done = 0  # leading packets of the batch handled so far
             for w in writes:
                 try:
-                    if w.gso and self._refused(w.iov[0][1]):
+                    if w.gso and self._was_refused(w.iov[0][1]):
                         # Refused earlier in this batch: the coalescer heard of
                         # it too late to leave this one whole.
                         self._write_apart(w)
@@ -824,23 +832,19 @@ class GsoNativeTun(NativeTun):
         for iov in w.one_by_one():
             self._write_one(iov)
 
-    def _refused(self, gso_type: int) -> bool:
+    def _was_refused(self, gso_type: int) -> bool:
         """Whether the kernel refused a super-packet of *gso_type*'s kind before."""
-        if gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_UDP_L4:
-            return self._refused_udp
-        return self._refused_tcp
+        return bool(self._refused & _refused_bit(gso_type))
 
     def _refuse(self, gso_type: int) -> None:
         """The kernel refused a super-packet of *gso_type*: split that kind from now on."""
         self._gro_refused += 1
-        if gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_UDP_L4:
+        bit = _refused_bit(gso_type)
+        self._refused |= bit
+        if bit == _REFUSED_UDP:
             self._coalescer.udp = False
-            self._refused_udp = True
-            self._refused_mask |= 2
         else:
             self._coalescer.tcp = False
-            self._refused_tcp = True
-            self._refused_mask |= 1
 
     def _write_one(self, iov: list[memoryview]) -> None:
         """Write one packet (header and packet in *iov*), dropping and counting a refusal."""
@@ -969,7 +973,7 @@ class GsoNativeTun(NativeTun):
         done = 0
         while done < total:
             rest = bufs if not done else list(itertools.islice(bufs, done, None))
-            n, err = io.write_gso(rest, at, self._refused_mask)
+            n, err = io.write_gso(rest, at, self._refused)
             done += n
             if err == 0 or err == -errno.EINTR:
                 continue
@@ -1008,7 +1012,7 @@ class GsoNativeTun(NativeTun):
                 data = view[at:]
                 kind = data[1] & ~VIRTIO_NET_HDR_GSO_ECN if len(data) > 1 else 0
                 try:
-                    if kind != VIRTIO_NET_HDR_GSO_NONE and self._refused(kind):
+                    if kind != VIRTIO_NET_HDR_GSO_NONE and self._was_refused(kind):
                         self._write_split(data)
                         done += 1
                         continue
