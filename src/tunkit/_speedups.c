@@ -1615,6 +1615,30 @@ wait_fd(int fd, int wake, short events)
     return 0;
 }
 
+/* readv of iov (POLLIN) or write of iov[0] (POLLOUT) on fd, waiting in
+ * poll() for as long as it says EAGAIN: the byte count, or -errno (-EBADF:
+ * wake is readable). write, not writev: an empty packet must reach the
+ * driver to be refused, and writev returns 0 for it without asking. Without
+ * the GIL. */
+static Py_ssize_t
+io_wait_call(int fd, int wake, short events, const struct iovec *iov, int iovcnt)
+{
+    for (;;) {
+        Py_ssize_t n = events == POLLIN ? readv(fd, iov, iovcnt)
+                                        : write(fd, iov[0].iov_base, iov[0].iov_len);
+        if (n >= 0) {
+            return n;
+        }
+        if (errno != EAGAIN) {
+            return -errno;
+        }
+        n = wait_fd(fd, wake, events);
+        if (n < 0) {
+            return n;
+        }
+    }
+}
+
 /* After a system call, with the GIL: count the call out; on -EINTR run the
  * signal handlers (KeyboardInterrupt ends the call, as in os.read) outside
  * the count, then count in again. 1: try again; 0: done (*n is the result);
@@ -1713,23 +1737,8 @@ pio_read(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     int go = io_enter(self);
     while (go > 0) {
         Py_BEGIN_ALLOW_THREADS
-        for (;;) {
-            n = readv(fd, iov, 2);
-            if (n > room) {
-                too_big++;
-                continue;
-            }
-            if (n >= 0) {
-                break;
-            }
-            n = -errno;
-            if (n != -EAGAIN) {
-                break;
-            }
-            n = wait_fd(fd, wake, POLLIN);
-            if (n < 0) {
-                break;
-            }
+        while ((n = io_wait_call(fd, wake, POLLIN, iov, 2)) > room) {
+            too_big++; /* it did not fit: gone, read the next */
         }
         Py_END_ALLOW_THREADS
         go = io_settle(self, &n);
@@ -1772,27 +1781,13 @@ pio_write(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     if (offset > buf.len) {
         offset = buf.len; /* an empty packet, as buf[offset:] is: the kernel's to refuse */
     }
-    const char *pkt = (const char *)buf.buf + offset;
-    size_t len = (size_t)(buf.len - offset);
+    struct iovec iov = {(char *)buf.buf + offset, (size_t)(buf.len - offset)};
     Py_ssize_t n = -EBADF;
     int fd = self->fd, wake = self->wake;
     int go = io_enter(self);
     while (go > 0) {
         Py_BEGIN_ALLOW_THREADS
-        for (;;) {
-            n = write(fd, pkt, len);
-            if (n >= 0) {
-                break;
-            }
-            n = -errno;
-            if (n != -EAGAIN) {
-                break;
-            }
-            n = wait_fd(fd, wake, POLLOUT);
-            if (n < 0) {
-                break;
-            }
-        }
+        n = io_wait_call(fd, wake, POLLOUT, &iov, 1);
         Py_END_ALLOW_THREADS
         go = io_settle(self, &n);
     }
@@ -2018,15 +2013,14 @@ pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
             Py_ssize_t room = v->len - start;
             struct iovec iov[2] = {{(char *)v->buf + start, (size_t)room},
                                    {over.buf, (size_t)over.len}};
-            Py_ssize_t n = readv(fd, iov, 2);
+            Py_ssize_t n;
+            if (stored == 0) {
+                n = io_wait_call(fd, wake, POLLIN, iov, 2); /* wait for the first */
+            }
+            else if ((n = readv(fd, iov, 2)) < 0) {
+                n = -errno; /* after it, only what is waiting: EAGAIN ends the batch */
+            }
             if (n < 0) {
-                n = -errno;
-                if (n == -EAGAIN && stored == 0) {
-                    n = wait_fd(fd, wake, POLLIN);
-                    if (n == 0) {
-                        continue;
-                    }
-                }
                 if (n != -EAGAIN) {
                     err = n;
                 }
@@ -2143,15 +2137,9 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
                 err = 1;
                 break;
             }
-            Py_ssize_t n = write(fd, data, (size_t)len);
+            struct iovec iov = {(void *)data, (size_t)len};
+            Py_ssize_t n = io_wait_call(fd, wake, POLLOUT, &iov, 1);
             if (n < 0) {
-                n = -errno;
-                if (n == -EAGAIN) {
-                    n = wait_fd(fd, wake, POLLOUT);
-                    if (n == 0) {
-                        continue;
-                    }
-                }
                 if (n == -EIO || (n == -EINVAL && kind == GSO_NONE)) {
                     dropped++;
                     done++;
