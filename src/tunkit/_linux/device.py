@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Final, final
 
 # The offload engine, imported from the package so that its dispatch (a C
 # extension where one is built) applies here too.
-from .._errors import ClosedError, OffsetError, TooManySegmentsError
+from .._buffers import check_offset
+from .._errors import ClosedError, TooManySegmentsError
 from .._events import Event, Events
 from .._offload import Coalescer, Write, _Malformed, _TooBig, split
 from .._offload._impl import PACKET_IO
+from .._offload.headers import byte_view
 from . import netlink
 from .constants import (
     IFF_NO_PI,
@@ -340,7 +342,7 @@ class NativeTun:
         self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int
     ) -> None:
         if offset < HEADROOM:
-            raise OffsetError(f"read offset {offset} is below mro() {HEADROOM}")
+            check_offset("read", offset, HEADROOM)
         if len(bufs) < self._batch:
             raise ValueError(f"read with {len(bufs)} buffers; batch_size() is {self._batch}")
         if len(sizes) < len(bufs):
@@ -370,16 +372,14 @@ class NativeTun:
             return self._read_pure(bufs, sizes, offset)
         n = io.read(bufs[0], offset, self._overflow)
         if n < 0:
-            raise self._fd.failure(OSError(-n, os.strerror(-n)), "read")
+            raise self._fd.errno_failure(n, "read")
         sizes[0] = n
         return 1
 
     def _read_pure(
         self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int
     ) -> int:
-        view = memoryview(bufs[0])
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view = byte_view(bufs[0])
         room = len(view) - offset
         if room <= 0:
             raise ValueError(f"buffer of {len(view)} bytes has no room after offset {offset}")
@@ -422,7 +422,7 @@ class NativeTun:
             OSError: any other refusal of the first packet.
         """
         if offset < HEADROOM:
-            raise OffsetError(f"write offset {offset} is below mwo() {HEADROOM}")
+            check_offset("write", offset, HEADROOM)
         io = self._io
         if io is None:
             return self._write_pure(bufs, offset)
@@ -433,7 +433,7 @@ class NativeTun:
                 if -n not in _DROPPED_ON_WRITE:
                     if done:
                         return done
-                    raise self._fd.failure(OSError(-n, os.strerror(-n)), "write")
+                    raise self._fd.errno_failure(n, "write")
                 with self._write_lock:
                     self._dropped_write += 1  # lost as on a real link (see _write_pure)
             done += 1
@@ -444,10 +444,7 @@ class NativeTun:
         done = 0
         with self._write_lock:
             for buf in bufs:
-                view = memoryview(buf)
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
-                pkt = view[offset:]
+                pkt = byte_view(buf, offset)
                 while True:
                     try:
                         n = _write(d.fd, pkt)
@@ -788,7 +785,7 @@ class GsoNativeTun(NativeTun):
             OSError: any other refusal of the first write.
         """
         if offset < HEADROOM:
-            raise OffsetError(f"write offset {offset} is below mwo() {HEADROOM}")
+            check_offset("write", offset, HEADROOM)
         fd = self._fd
         with self._write_lock:
             writes = self._coalescer.coalesce(bufs, offset)
@@ -882,7 +879,7 @@ class GsoNativeTun(NativeTun):
             ClosedError: the device is closed, or closes while the call waits.
         """
         if offset < HEADROOM:
-            raise OffsetError(f"read offset {offset} is below mro() {HEADROOM}")
+            check_offset("read", offset, HEADROOM)
         if not bufs:
             raise ValueError("read_gso with 0 buffers")
         if len(sizes) < len(bufs):
@@ -893,7 +890,7 @@ class GsoNativeTun(NativeTun):
             # the header checks and the counters, with the GIL released once.
             stored, err = io.read_gso(bufs, sizes, offset - VIRTIO_NET_HDR_LEN, self._overflow)
             if err:
-                exc = self._fd.failure(OSError(-err, os.strerror(-err)), "read")
+                exc = self._fd.errno_failure(err, "read")
                 if not stored:
                     raise exc
                 self._read_error = exc
@@ -908,10 +905,7 @@ class GsoNativeTun(NativeTun):
                 raise error
             stored = 0
             while stored < want:
-                view = memoryview(bufs[stored])
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
-                room = view[at:]
+                room = byte_view(bufs[stored], at)
                 if self._pending:
                     # Left by read(): hand it on whole if it fits.
                     n, self._pending = self._pending, 0
@@ -962,7 +956,7 @@ class GsoNativeTun(NativeTun):
             OSError: any other refusal of the first packet.
         """
         if offset < HEADROOM:
-            raise OffsetError(f"write offset {offset} is below mwo() {HEADROOM}")
+            check_offset("write", offset, HEADROOM)
         io = self._io
         if io is None:
             return self._write_gso_pure(bufs, offset)
@@ -978,17 +972,14 @@ class GsoNativeTun(NativeTun):
             if err == 0 or err == -errno.EINTR:
                 continue
             if err != _SPLIT_FIRST and err != -errno.EINVAL:
-                exc = self._fd.failure(OSError(-err, os.strerror(-err)), "write")
+                exc = self._fd.errno_failure(err, "write")
                 if done:
                     return done  # the caller's retry meets the error
                 raise exc
             # A super-packet of a kind the kernel refused before, or refuses
             # now (EINVAL): split and written segment by segment, as in
             # _write_gso_pure; the first refusal of a kind turns it off.
-            view = memoryview(bufs[done])
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
-            data = view[at:]
+            data = byte_view(bufs[done], at)
             with self._write_lock:
                 try:
                     if self._write_split(data) and err != _SPLIT_FIRST:
@@ -1006,10 +997,7 @@ class GsoNativeTun(NativeTun):
         done = 0
         with self._write_lock:
             for buf in bufs:
-                view = memoryview(buf)
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
-                data = view[at:]
+                data = byte_view(buf, at)
                 kind = data[1] & ~VIRTIO_NET_HDR_GSO_ECN if len(data) > 1 else 0
                 try:
                     if kind != VIRTIO_NET_HDR_GSO_NONE and self._was_refused(kind):

@@ -139,6 +139,10 @@ class _Descriptor:
             return self._closed_error(direction)
         return exc
 
+    def errno_failure(self, err: int, direction: str) -> OSError:
+        """:meth:`failure` for *err*, a ``-errno`` that a :attr:`io` call returned."""
+        return self.failure(OSError(-err, os.strerror(-err)), direction)
+
     def readv(self, bufs: Sequence[WriteableBuffer]) -> int:
         """Read one record (one packet for a TUN device) into *bufs*; block until one comes.
 

@@ -85,6 +85,7 @@ from .headers import (
     VIRTIO_NET_HDR_GSO_UDP_L4,
     VNET_HDR_LEN,
     VnetHdr,
+    byte_view,
 )
 
 if TYPE_CHECKING:
@@ -291,10 +292,7 @@ class Coalescer:  # not final: _impl.NativeCoalescer plans the same writes in C
         entries: list[_Group | int] = []  # a group, or the index of a lone packet
         flows: dict[_FlowKey, _Group] = {}  # the open super-packet of each flow
         for index, buf in enumerate(bufs):
-            view = memoryview(buf)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
-            pkt = view[offset:]
+            pkt = byte_view(buf, offset)
             parsed = self._parse(pkt)
             if parsed is None:
                 entries.append(index)
@@ -418,10 +416,7 @@ class Coalescer:  # not final: _impl.NativeCoalescer plans the same writes in C
             if isinstance(entry, int) or len(entry.indices) == 1:
                 if isinstance(entry, int):
                     first = entry
-                    view = memoryview(bufs[entry])
-                    if view.format != "B" or view.ndim != 1:
-                        view = view.cast("B")
-                    pkt = view[offset:]
+                    pkt = byte_view(bufs[entry], offset)
                 else:
                     first, pkt = entry.first, entry.head
                 write = Write([ZERO_VNET_HDR, pkt], [pkt], first, False, 0)

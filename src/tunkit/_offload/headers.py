@@ -84,6 +84,7 @@ __all__ = [
     "VnetHdr",
     "_Malformed",
     "_TooBig",
+    "byte_view",
 ]
 
 
@@ -231,3 +232,11 @@ UDP_CHECKSUM: Final = 6
 UDP_HDR_LEN: Final = 8
 # src_port, dst_port, length, checksum
 UDP_HDR: Final = struct.Struct("!HHHH")
+
+
+def byte_view(buf: ReadableBuffer | WriteableBuffer, offset: int = 0) -> memoryview:
+    """A view of *buf*'s bytes from *offset* on, whatever its item format or shape."""
+    view = memoryview(buf)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view[offset:] if offset else view

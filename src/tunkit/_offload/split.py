@@ -63,6 +63,7 @@ from .headers import (
     VnetHdr,
     _Malformed,
     _TooBig,
+    byte_view,
 )
 
 if TYPE_CHECKING:
@@ -73,14 +74,6 @@ __all__ = ["split"]
 # Flags that tcp_gso_segment keeps on the last segment only, and the first only.
 _TCP_LAST_ONLY: Final = TCP_FLAG_FIN | TCP_FLAG_PSH
 _TCP_FIRST_ONLY: Final = TCP_FLAG_CWR
-
-
-def _room(buf: WriteableBuffer, offset: int) -> memoryview:
-    """Return a byte view of *buf* (any writable buffer) starting at *offset*."""
-    view = memoryview(buf)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view[offset:]
 
 
 def split(
@@ -136,7 +129,7 @@ def _copy_through(
         raise _Malformed("empty packet after the virtio header")
     if not out_bufs or not sizes:
         raise TooManySegmentsError("a packet needs 1 buffer, 0 given")
-    out = _room(out_bufs[0], offset)
+    out = byte_view(out_bufs[0], offset)
     if ip_len > len(out):
         raise _TooBig(f"packet of {ip_len} bytes does not fit a buffer of {len(out)} bytes")
     if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
@@ -232,7 +225,7 @@ def _split_gso(
     have = min(len(out_bufs), len(sizes))
     if count > have:
         raise TooManySegmentsError(f"super-packet of {count} segments does not fit {have} buffers")
-    outs = [_room(out_bufs[i], offset) for i in range(count)]
+    outs = [byte_view(out_bufs[i], offset) for i in range(count)]
     last_len = hdr_len + payload_len - (count - 1) * gso_size
     for i, out in enumerate(outs):
         seg_len = hdr_len + gso_size if i < count - 1 else last_len
