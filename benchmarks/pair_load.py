@@ -2,7 +2,7 @@
 
     sudo python benchmarks/pair_load.py [--seconds 10] [--via copy] [--json-prefix out]
 
-Runs ``tunkit bench`` (same code: ``tunkit._bench``) with 1 and then 4 TCP
+Runs ``tunkit bench`` (same code: ``tunkit.cli.pair_load``) with 1 and then 4 TCP
 streams: the five setups in one run each, with their ratios to ``naive`` and
 ``veth``, retransmits, and the offload counters of the tunkit devices.
 Needs root, /dev/net/tun, iproute2 and iperf3 (Debian: apt-get install iperf3).

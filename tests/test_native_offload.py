@@ -52,10 +52,11 @@ from tunkit._linux.constants import (
     TUNSETIFF,
     TUNSETOFFLOAD,
 )
-from tunkit._linux.device import GsoNativeTun, NativeTun, create_tun, open_tun
-from tunkit._linux.vnet import gso_segments
+from tunkit._linux.device import NativeTun, create_tun, open_tun
+from tunkit._linux.gso_device import GsoNativeTun
 from tunkit._offload import _impl as tk_impl
 from tunkit._offload import _Malformed, split
+from tunkit._offload.vnet import gso_segments
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer

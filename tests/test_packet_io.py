@@ -22,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from packets import UDP, Flow, payload_bytes, vnet
 
-from tunkit._linux.vnet import gso_segments
-from tunkit._offload._impl import PACKET_IO, REASON
+from tunkit._linux.fd import PACKET_IO
+from tunkit._offload._impl import REASON
+from tunkit._offload.vnet import gso_segments
 
 if PACKET_IO is None:
     pytest.skip(f"no C extension: {REASON}", allow_module_level=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ._buffers import WRITE_NO_PROGRESS, close_quietly, write_all, write_all_with
 from ._errors import ClosedError, RetryableError, TunError
 from ._gso import GSO_BATCH, GSO_BUF_LEN, gso_offset, gso_pair
+from ._write import WRITE_NO_PROGRESS, close_quietly, write_all, write_all_with
 
 if TYPE_CHECKING:
     from ._tun import Tun

@@ -6,11 +6,11 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Final, final
 
-from ._buffers import WRITE_NO_PROGRESS, close_quietly, write_all
 from ._errors import ClosedError, RetryableError, TunError
 from ._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, gso_offset, gso_pair, split_for
 from ._pool import BufferPool, get_buffer, put_buffer
 from ._tun import GsoTun
+from ._write import WRITE_NO_PROGRESS, close_quietly, write_all
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

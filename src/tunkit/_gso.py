@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from ._errors import TooManySegmentsError
-from ._offload.headers import VNET_HDR_LEN
+from ._offload.vnet import VNET_HDR_LEN
 from ._tun import GsoTun
 
 if TYPE_CHECKING:

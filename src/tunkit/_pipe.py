@@ -6,7 +6,6 @@ import io
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, final
 
-from ._buffers import check_offset
 from ._channel import Channel
 from ._errors import (
     ReadOnClosedChannelError,
@@ -15,6 +14,7 @@ from ._errors import (
     WriteOnClosedPipeError,
 )
 from ._events import Event, Events
+from ._tun import check_offset
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer

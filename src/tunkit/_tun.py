@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ._errors import OffsetError
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
     from ._events import Events
 
-__all__ = ["GsoTun", "Tun"]
+__all__ = ["GsoTun", "Tun", "check_offset"]
 
 
 @runtime_checkable
@@ -84,3 +86,10 @@ class GsoTun(Protocol):
     def write_gso(self, bufs: Sequence[ReadableBuffer], offset: int = 16) -> int:
         """Like ``Tun.write``, but a packet may be a super-packet with its header."""
         ...
+
+
+def check_offset(kind: str, offset: int, minimum: int) -> None:
+    """Raise :class:`OffsetError` when *offset* is below *minimum* (``mro()``/``mwo()``)."""
+    if offset < minimum:
+        which = "mro()" if kind == "read" else "mwo()"
+        raise OffsetError(f"{kind} offset {offset} is below {which} {minimum}")

@@ -6,9 +6,9 @@ import io
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ._buffers import write_all
 from ._errors import RetryableError
 from ._pool import BufferPool, get_buffer, put_buffer
+from ._write import write_all
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer

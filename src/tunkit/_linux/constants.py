@@ -1,4 +1,7 @@
-"""Kernel constants, spelled as the kernel spells them, grouped by header file."""
+"""Kernel constants of the system calls, spelled as the kernel spells them, grouped by header.
+
+The one copy in Python: every module under ``_linux/`` takes them from here.
+"""
 
 from __future__ import annotations
 
@@ -32,16 +35,9 @@ TUN_F_UFO: Final = 0x10
 TUN_F_USO4: Final = 0x20  # Linux 6.2 and later
 TUN_F_USO6: Final = 0x40  # Linux 6.2 and later
 
-# <linux/virtio_net.h>: struct virtio_net_hdr (10 bytes without num_buffers).
-VIRTIO_NET_HDR_LEN: Final = 10
-VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
-VIRTIO_NET_HDR_F_DATA_VALID: Final = 2
-VIRTIO_NET_HDR_GSO_NONE: Final = 0
-VIRTIO_NET_HDR_GSO_TCPV4: Final = 1
-VIRTIO_NET_HDR_GSO_UDP: Final = 3
-VIRTIO_NET_HDR_GSO_TCPV6: Final = 4
-VIRTIO_NET_HDR_GSO_UDP_L4: Final = 5
-VIRTIO_NET_HDR_GSO_ECN: Final = 0x80
+# <linux/virtio_net.h>: struct virtio_net_hdr and its constants are a packet
+# layout, read and written by pure code: they live in tunkit/_offload/vnet.py
+# (and, for the C twins, in _speedups/tunkit.h), not here.
 
 # <linux/if.h>
 IFNAMSIZ: Final = 16  # including the terminating NUL: names have at most 15 bytes

@@ -7,16 +7,30 @@ import os
 import select
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from .._errors import ClosedError
+from .._offload._impl import NATIVE_MODULE
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-    from .._offload._impl import PacketIoType
+    from .._speedups import PacketIo
 
-__all__ = ["_Descriptor"]
+__all__ = ["PACKET_IO", "PacketIoType", "_Descriptor"]
+
+
+class PacketIoType(Protocol):
+    """``PacketIo``: the system calls of a TUN descriptor in C (see _speedups.pyi)."""
+
+    def __call__(self, fd: int, wake: int) -> PacketIo: ...
+
+
+# getattr: an extension built from an older tunkit (a stale in-place build)
+# has no PacketIo, or one without read_gso; the Python path serves then.
+_packet_io = getattr(NATIVE_MODULE, "PacketIo", None)
+PACKET_IO: Final[PacketIoType | None] = _packet_io if hasattr(_packet_io, "read_gso") else None
+"""The C extension's PacketIo when it is loaded, else None (the Python path)."""
 
 _POLL_ERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from ._impl import speedups_enabled, split
 from .coalesce import ZERO_VNET_HDR, Write
-from .headers import VNET_HDR_LEN, VnetHdr, _Malformed, _TooBig
+from .headers import _Malformed, _TooBig
+from .vnet import VNET_HDR_LEN, VnetHdr
 
 # ``split`` and ``Coalescer`` are the C extension's when it loaded (see
 # _impl.py). For the type checker Coalescer is the pure class, which the

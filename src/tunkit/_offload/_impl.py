@@ -32,11 +32,10 @@ from .split import split as _pure_split
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-    from .._speedups import PacketIo
-
 __all__ = [
     "ACTIVE",
     "NATIVE",
+    "NATIVE_MODULE",
     "PURE",
     "Coalescer",
     "Engine",
@@ -81,12 +80,6 @@ class SplitFn(Protocol):
     ) -> int: ...
 
 
-class PacketIoType(Protocol):
-    """``PacketIo``: one packet per call to or from a TUN descriptor (see _speedups.pyi)."""
-
-    def __call__(self, fd: int, wake: int) -> PacketIo: ...
-
-
 class Engine(NamedTuple):
     """One implementation of the offload engine's kernels, under one name."""
 
@@ -117,6 +110,8 @@ def _load() -> tuple[ModuleType | None, str]:
 
 _native, REASON = _load()
 """Why the engine is what it is, for ``tunkit bench`` and bug reports."""
+NATIVE_MODULE: Final[ModuleType | None] = _native
+"""The bound extension module, or None: ``_linux`` takes its PacketIo from here."""
 
 
 @final
@@ -167,14 +162,6 @@ NATIVE: Final[Engine | None] = (
     )
 )
 ACTIVE: Final = PURE if NATIVE is None else NATIVE
-# getattr: an extension built from an older tunkit (a stale in-place build)
-# has no PacketIo, or one without read_gso; the Python path serves then.
-_packet_io = getattr(_native, "PacketIo", None)
-PACKET_IO: Final[PacketIoType | None] = (
-    _packet_io if hasattr(_packet_io, "read_gso") else None
-)
-"""The C read and write of one packet (device.py), when the extension is loaded; else None."""
-
 ones_sum: Final = ACTIVE.ones_sum
 checksum: Final = ACTIVE.checksum
 pseudo_sum: Final = ACTIVE.pseudo_sum

@@ -78,6 +78,9 @@ from .headers import (
     UDP_HDR,
     UDP_HDR_LEN,
     UDP_LEN,
+    byte_view,
+)
+from .vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -85,7 +88,6 @@ from .headers import (
     VIRTIO_NET_HDR_GSO_UDP_L4,
     VNET_HDR_LEN,
     VnetHdr,
-    byte_view,
 )
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Header layouts of the offload engine: the virtio-net header, IPv4, IPv6, TCP, UDP.
+"""Header layouts of the offload engine: IPv4, IPv6, TCP, UDP (the virtio-net header: vnet.py).
 
 Every name here is shared by ``split`` and ``coalesce`` (the package is
 private, so the constants drop the leading underscore that a module-private
@@ -10,7 +10,7 @@ big-endian on the wire, except the virtio-net header, which is in host order.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -71,17 +71,6 @@ __all__ = [
     "UDP_HDR_LEN",
     "UDP_LEN",
     "UDP_SRC_PORT",
-    "VIRTIO_NET_HDR_F_DATA_VALID",
-    "VIRTIO_NET_HDR_F_NEEDS_CSUM",
-    "VIRTIO_NET_HDR_F_RSC_INFO",
-    "VIRTIO_NET_HDR_GSO_ECN",
-    "VIRTIO_NET_HDR_GSO_NONE",
-    "VIRTIO_NET_HDR_GSO_TCPV4",
-    "VIRTIO_NET_HDR_GSO_TCPV6",
-    "VIRTIO_NET_HDR_GSO_UDP",
-    "VIRTIO_NET_HDR_GSO_UDP_L4",
-    "VNET_HDR_LEN",
-    "VnetHdr",
     "_Malformed",
     "_TooBig",
     "byte_view",
@@ -102,59 +91,6 @@ class _TooBig(Exception):
     Private, a sibling of :class:`_Malformed` rather than a subclass, so that
     the device can count it apart, in ``dropped_too_big``.
     """
-
-
-# --- struct virtio_net_hdr, <linux/virtio_net.h> ---------------------------
-# A TUN device with IFF_VNET_HDR puts this header in front of every packet. On
-# TUN it is in host byte order (the legacy, non-"v1" layout; TUNSETVNETLE is
-# not used), hence "=" (native order, standard sizes, no padding).
-_VNET_HDR: Final = struct.Struct("=BBHHHH")
-VNET_HDR_LEN: Final = _VNET_HDR.size  # 10
-
-# Values of virtio_net_hdr.flags, <linux/virtio_net.h>.
-VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1  # use csum_start, csum_offset (CHECKSUM_PARTIAL)
-VIRTIO_NET_HDR_F_DATA_VALID: Final = 2  # checksum is valid (CHECKSUM_UNNECESSARY)
-VIRTIO_NET_HDR_F_RSC_INFO: Final = 4  # rsc info in the csum_ fields (not used on TUN)
-
-# Values of virtio_net_hdr.gso_type, <linux/virtio_net.h>.
-VIRTIO_NET_HDR_GSO_NONE: Final = 0  # not a GSO frame
-VIRTIO_NET_HDR_GSO_TCPV4: Final = 1  # GSO frame, IPv4 TCP (TSO)
-VIRTIO_NET_HDR_GSO_UDP: Final = 3  # GSO frame, IPv4 UDP fragmentation (UFO; unsupported)
-VIRTIO_NET_HDR_GSO_TCPV6: Final = 4  # GSO frame, IPv6 TCP
-VIRTIO_NET_HDR_GSO_UDP_L4: Final = 5  # GSO frame, IPv4 or IPv6 UDP segmentation (USO)
-VIRTIO_NET_HDR_GSO_ECN: Final = 0x80  # bit or-ed into gso_type: the TCP stream uses ECN
-
-
-class VnetHdr(NamedTuple):
-    """One ``struct virtio_net_hdr``: the kernel's description of a (super-)packet.
-
-    ``hdr_len``, ``csum_start`` and ``csum_offset`` are claims of the kernel
-    (or of whoever wrote the packet); check them against the packet's length
-    before using them as offsets.
-    """
-
-    flags: int
-    gso_type: int
-    hdr_len: int
-    gso_size: int
-    csum_start: int
-    csum_offset: int
-
-    @classmethod
-    def unpack_from(cls, buf: ReadableBuffer, offset: int = 0) -> VnetHdr:
-        """Read the header stored at ``buf[offset:offset + VNET_HDR_LEN]``.
-
-        Raises:
-            _Malformed: fewer than ``VNET_HDR_LEN`` bytes from *offset* on.
-        """
-        have = len(memoryview(buf)) - offset
-        if have < VNET_HDR_LEN:
-            raise _Malformed(f"short virtio header: {have} bytes")
-        return cls._make(_VNET_HDR.unpack_from(buf, offset))
-
-    def pack_into(self, buf: WriteableBuffer, offset: int = 0) -> None:
-        """Store the header at ``buf[offset:offset + VNET_HDR_LEN]``."""
-        _VNET_HDR.pack_into(buf, offset, *self)
 
 
 # --- Big-endian integers, for single fields ---------------------------------

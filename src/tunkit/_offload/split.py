@@ -53,6 +53,11 @@ from .headers import (
     UDP_CHECKSUM,
     UDP_HDR_LEN,
     UDP_LEN,
+    _Malformed,
+    _TooBig,
+    byte_view,
+)
+from .vnet import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -61,9 +66,6 @@ from .headers import (
     VIRTIO_NET_HDR_GSO_UDP_L4,
     VNET_HDR_LEN,
     VnetHdr,
-    _Malformed,
-    _TooBig,
-    byte_view,
 )
 
 if TYPE_CHECKING:

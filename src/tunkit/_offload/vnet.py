@@ -1,4 +1,7 @@
-"""Checking a kernel (super-)packet before it is handed on whole (``read_gso``/``write_gso``).
+"""The virtio-net header that leads every packet on a TUN device with ``IFF_VNET_HDR``.
+
+Its layout (``struct virtio_net_hdr``), its constants, and the check of a
+kernel (super-)packet before it is handed on whole (``read_gso``/``write_gso``).
 
 ``split`` checks every claim of a virtio-net header because it uses them as
 offsets. A super-packet passed on whole is not cut here, but whoever gets it
@@ -6,16 +9,15 @@ offsets. A super-packet passed on whole is not cut here, but whoever gets it
 checks the same claims without touching the payload, so that garbage is
 dropped and counted on the way in instead of handed on.
 
-Pure code (no system calls), kept beside the device because only the device
-uses it; it reads the offload engine's header layouts.
+Pure code (no system calls), like the rest of the offload engine.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import struct
+from typing import TYPE_CHECKING, Final, NamedTuple
 
-from .._offload.headers import _VNET_HDR as VNET_HDR  # struct virtio_net_hdr
-from .._offload.headers import (
+from .headers import (
     IP4_MIN_HDR_LEN,
     IP4_PROTOCOL,
     IP4_TOTAL_LEN,
@@ -32,16 +34,83 @@ from .._offload.headers import (
     U16,
     UDP_CHECKSUM,
     UDP_HDR_LEN,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_ECN,
-    VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
-    VIRTIO_NET_HDR_GSO_UDP_L4,
-    VNET_HDR_LEN,
+    _Malformed,
 )
 
-__all__ = ["VNET_HDR", "gso_segments"]
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+__all__ = [
+    "VIRTIO_NET_HDR_F_DATA_VALID",
+    "VIRTIO_NET_HDR_F_NEEDS_CSUM",
+    "VIRTIO_NET_HDR_F_RSC_INFO",
+    "VIRTIO_NET_HDR_GSO_ECN",
+    "VIRTIO_NET_HDR_GSO_NONE",
+    "VIRTIO_NET_HDR_GSO_TCPV4",
+    "VIRTIO_NET_HDR_GSO_TCPV6",
+    "VIRTIO_NET_HDR_GSO_UDP",
+    "VIRTIO_NET_HDR_GSO_UDP_L4",
+    "VNET_HDR",
+    "VNET_HDR_LEN",
+    "VnetHdr",
+    "gso_segments",
+]
+
+
+# --- struct virtio_net_hdr, <linux/virtio_net.h> ---------------------------
+# A TUN device with IFF_VNET_HDR puts this header in front of every packet. On
+# TUN it is in host byte order (the legacy, non-"v1" layout; TUNSETVNETLE is
+# not used), hence "=" (native order, standard sizes, no padding).
+VNET_HDR: Final = struct.Struct("=BBHHHH")
+VNET_HDR_LEN: Final = VNET_HDR.size  # 10
+
+# Values of virtio_net_hdr.flags, <linux/virtio_net.h>.
+VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1  # use csum_start, csum_offset (CHECKSUM_PARTIAL)
+VIRTIO_NET_HDR_F_DATA_VALID: Final = 2  # checksum is valid (CHECKSUM_UNNECESSARY)
+VIRTIO_NET_HDR_F_RSC_INFO: Final = 4  # rsc info in the csum_ fields (not used on TUN)
+
+# Values of virtio_net_hdr.gso_type, <linux/virtio_net.h>.
+VIRTIO_NET_HDR_GSO_NONE: Final = 0  # not a GSO frame
+VIRTIO_NET_HDR_GSO_TCPV4: Final = 1  # GSO frame, IPv4 TCP (TSO)
+VIRTIO_NET_HDR_GSO_UDP: Final = 3  # GSO frame, IPv4 UDP fragmentation (UFO; unsupported)
+VIRTIO_NET_HDR_GSO_TCPV6: Final = 4  # GSO frame, IPv6 TCP
+VIRTIO_NET_HDR_GSO_UDP_L4: Final = 5  # GSO frame, IPv4 or IPv6 UDP segmentation (USO)
+VIRTIO_NET_HDR_GSO_ECN: Final = 0x80  # bit or-ed into gso_type: the TCP stream uses ECN
+
+
+class VnetHdr(NamedTuple):
+    """One ``struct virtio_net_hdr``: the kernel's description of a (super-)packet.
+
+    ``hdr_len``, ``csum_start`` and ``csum_offset`` are claims of the kernel
+    (or of whoever wrote the packet); check them against the packet's length
+    before using them as offsets.
+    """
+
+    flags: int
+    gso_type: int
+    hdr_len: int
+    gso_size: int
+    csum_start: int
+    csum_offset: int
+
+    @classmethod
+    def unpack_from(cls, buf: ReadableBuffer, offset: int = 0) -> VnetHdr:
+        """Read the header stored at ``buf[offset:offset + VNET_HDR_LEN]``.
+
+        Raises:
+            _Malformed: fewer than ``VNET_HDR_LEN`` bytes from *offset* on.
+        """
+        have = len(memoryview(buf)) - offset
+        if have < VNET_HDR_LEN:
+            raise _Malformed(f"short virtio header: {have} bytes")
+        return cls._make(VNET_HDR.unpack_from(buf, offset))
+
+    def pack_into(self, buf: WriteableBuffer, offset: int = 0) -> None:
+        """Store the header at ``buf[offset:offset + VNET_HDR_LEN]``."""
+        VNET_HDR.pack_into(buf, offset, *self)
+
+
+
 
 
 # gso_type (ECN bit off) -> (IP version it needs, 0 for either; transport protocol)

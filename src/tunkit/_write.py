@@ -1,4 +1,4 @@
-"""Small helpers shared by the in-memory pieces and the forwarding loops."""
+"""Writing a whole batch to a Tun: the one rule that copy, Forwarder and TunIO share."""
 
 from __future__ import annotations
 
@@ -6,23 +6,16 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ._errors import OffsetError, TunError
+from ._errors import TunError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
     from ._tun import Tun
 
-__all__ = ["check_offset", "close_quietly", "write_all", "write_all_with"]
+__all__ = ["WRITE_NO_PROGRESS", "close_quietly", "write_all", "write_all_with"]
 
 WRITE_NO_PROGRESS: str = "tun: write made no progress"
-
-
-def check_offset(kind: str, offset: int, minimum: int) -> None:
-    """Raise :class:`OffsetError` when *offset* is below *minimum* (``mro()``/``mwo()``)."""
-    if offset < minimum:
-        which = "mro()" if kind == "read" else "mwo()"
-        raise OffsetError(f"{kind} offset {offset} is below {which} {minimum}")
 
 
 def write_all(tun: Tun, bufs: Sequence[ReadableBuffer], offset: int) -> None:

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from ._forwarder import Point2Point
-from ._pipe import PipeTun, pipe
-from ._pool import Pool
-from ._tunio import TunIO
+from .._forwarder import Point2Point
+from .._pipe import PipeTun, pipe
+from .._pool import Pool
+from .._tunio import TunIO
 
 __all__ = ["DirectionResult", "demo_packet", "run_memory_demo"]
 

@@ -7,15 +7,17 @@ import json
 import os
 import threading
 import time
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._bench import SETUPS, BenchResult, BenchUnavailable, ratios, run_pair_load
-from ._offload import speedups_enabled
+from .._offload import speedups_enabled
+from .pair_load import SETUPS, VIAS, BenchResult, ratios, run_pair_load
+from .preflight import UsageError, positive, positive_float
 
-__all__ = ["BENCH_HELP", "run_bench"]
+__all__ = ["BENCH_HELP", "add_parser", "run"]
 
 BENCH_HELP = """\
 Measure bulk TCP (iperf3) between two network namespaces, through tunkit and
@@ -36,8 +38,20 @@ examples:
 """
 
 
-class UsageError(Exception):
-    """A person's mistake or a missing tool: one line, exit status 2."""
+def add_parser(sub: Any) -> None:
+    """Add ``bench`` to the subcommands *sub* (``argparse``'s subparsers action)."""
+    bench = sub.add_parser(
+        "bench",
+        help="measure TCP between two namespaces through tunkit, veth and a naive loop",
+        description=BENCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--seconds", type=positive_float, default=10.0, help="per setup")
+    bench.add_argument("--streams", type=positive, default=1, help="parallel TCP streams")
+    bench.add_argument("--via", choices=VIAS, default="copy", help="how tunkit joins the devices")
+    bench.add_argument("--no-offload", action="store_true", help="skip the offload setups")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
 
 
 def _check_plot_support() -> None:
@@ -72,7 +86,7 @@ def _plot(results: list[BenchResult], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run_bench(args: argparse.Namespace, console: Console) -> int:
+def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``tunkit bench`` with parsed *args*; return the exit status."""
     if args.plot:
         _check_plot_support()
@@ -114,8 +128,6 @@ def run_bench(args: argparse.Namespace, console: Console) -> int:
             worker.join()
             raise
     if failure:
-        if isinstance(failure[0], BenchUnavailable):
-            raise UsageError(str(failure[0]))
         raise failure[0]
 
     by_ratio = ratios(results)

@@ -27,13 +27,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from ._copy import copy
-from ._forwarder import Forwarder, Point2Point
-from ._linux.device import NativeTun, create_tun
-from ._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
-from ._pool import Pool
+from .._copy import copy
+from .._forwarder import Forwarder, Point2Point
+from .._linux.device import NativeTun, create_tun
+from .._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
+from .._pool import Pool
+from .preflight import DEVICE_TOOLS, require
 
-__all__ = ["SETUPS", "BenchResult", "BenchUnavailable", "run_pair_load"]
+__all__ = ["SETUPS", "VIAS", "BenchResult", "ratios", "run_pair_load"]
 
 SETUPS: Final = ("tunkit", "tunkit-split", "tunkit-nooffload", "veth", "naive")
 VIAS: Final = ("copy", "forwarder", "p2p")
@@ -44,10 +45,6 @@ _B_ADDR: Final = "10.214.0.2"
 _PREFIX_LEN: Final = 24
 _PORT: Final = 5201
 _NS_PREFIX: Final = "tk"
-
-
-class BenchUnavailable(Exception):
-    """The benchmark cannot run here; the message names what is missing."""
 
 
 @dataclass
@@ -65,17 +62,6 @@ class BenchResult:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def preflight() -> None:
-    """Raise :class:`BenchUnavailable` naming what the benchmark lacks here."""
-    from ._demo_native import DemoUnavailable
-    from ._demo_native import preflight as demo_preflight
-
-    try:
-        demo_preflight((("ip", "iproute2"), ("ping", "iputils-ping"), ("iperf3", "iperf3")))
-    except DemoUnavailable as exc:
-        raise BenchUnavailable(str(exc).replace("real-device demo", "benchmark")) from None
 
 
 def _ip(*args: str) -> None:
@@ -253,10 +239,10 @@ def run_pair_load(
     A setup that fails is reported with its error and 0 Gbit/s; the others go on.
 
     Raises:
-        BenchUnavailable: no root, no /dev/net/tun, ``ip`` or ``iperf3``.
+        UsageError: no root, no /dev/net/tun, ``ip`` or ``iperf3``.
         ValueError: an unknown setup or *via*.
     """
-    preflight()
+    require("the benchmark", (*DEVICE_TOOLS, ("iperf3", "iperf3")))
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         raise ValueError(f"unknown setup {unknown[0]!r}; choose from {', '.join(SETUPS)}")

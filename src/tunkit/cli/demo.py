@@ -1,26 +1,21 @@
-"""The ``tunkit`` command line: ``tunkit demo`` and friends."""
+"""``tunkit demo``: real traffic between two namespaces through tunkit, or the in-memory demo."""
 
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._bench import VIAS
-from ._cli_bench import BENCH_HELP, UsageError, run_bench
-from ._cli_bridge import BRIDGE_HELP, BridgeError, run_bridge
-from ._demo_memory import DirectionResult, run_memory_demo
+from .demo_memory import DirectionResult, run_memory_demo
+from .preflight import UsageError, positive, require
 
-__all__ = ["main"]
+__all__ = ["DEMO_HELP", "add_parser", "run"]
 
-_DEMO_HELP = """\
+DEMO_HELP = """\
 Show tunkit moving real traffic between two network namespaces.
 
 As root with /dev/net/tun: makes namespaces A and B (named with this process's
@@ -38,83 +33,21 @@ examples:
   tunkit demo --memory --packets 100000 --batch 128
 """
 
-
-class _UsageError(Exception):
-    """A person's mistake: reported in one line, exit status 2."""
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be above 0")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tunkit",
-        description="TUN devices for Python: see them work (demo), measure them (bench), "
-        "put them to use (bridge).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def add_parser(sub: Any) -> None:
+    """Add ``demo`` to the subcommands *sub* (``argparse``'s subparsers action)."""
     demo = sub.add_parser(
         "demo",
         help="show packets crossing tunkit, checked on arrival",
-        description=_DEMO_HELP,
+        description=DEMO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--memory", action="store_true", help="run the in-memory demo only")
-    demo.add_argument("--seconds", type=_positive, default=3, help="seconds of TCP (real demo)")
+    demo.add_argument("--seconds", type=positive, default=3, help="seconds of TCP (real demo)")
     demo.add_argument("--no-offload", action="store_true", help="real devices without offload")
     demo.add_argument(
-        "--packets", type=_positive, default=20000, help="packets each way (in-memory demo)"
+        "--packets", type=positive, default=20000, help="packets each way (in-memory demo)"
     )
-    demo.add_argument("--batch", type=_positive, default=32, help="pipe batch size (in-memory)")
-
-    bench = sub.add_parser(
-        "bench",
-        help="measure TCP between two namespaces through tunkit, veth and a naive loop",
-        description=BENCH_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench.add_argument("--seconds", type=_positive_float, default=10.0, help="per setup")
-    bench.add_argument("--streams", type=_positive, default=1, help="parallel TCP streams")
-    bench.add_argument("--via", choices=VIAS, default="copy", help="how tunkit joins the devices")
-    bench.add_argument("--no-offload", action="store_true", help="skip the offload setups")
-    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    bench.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
-
-    bridge = sub.add_parser(
-        "bridge",
-        help="join two TUN devices until Ctrl-C, printing counters",
-        description=BRIDGE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bridge.add_argument("a", metavar="A", help="first device's name")
-    bridge.add_argument("b", metavar="B", help="second device's name")
-    bridge.add_argument("--create", action="store_true", help="make the devices")
-    bridge.add_argument("--mtu", type=_positive, help="MTU of created devices")
-    bridge.add_argument("--address", action="append", metavar="DEV=CIDR",
-                        help="address for a created device (repeatable)")
-    bridge.add_argument("--netns-a", metavar="NS", help="network namespace of A")
-    bridge.add_argument("--netns-b", metavar="NS", help="network namespace of B")
-    bridge.add_argument("--interval", type=_positive_float, default=5.0,
-                        help="seconds between counter lines")
-    return parser
+    demo.add_argument("--batch", type=positive, default=32, help="pipe batch size (in-memory)")
 
 
 def _results_table(title: str, results: Sequence[DirectionResult]) -> Table:
@@ -133,13 +66,12 @@ def _results_table(title: str, results: Sequence[DirectionResult]) -> Table:
     return table
 
 
-def _demo(args: argparse.Namespace, console: Console) -> int:
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Run ``tunkit demo`` with parsed *args*; return the exit status."""
     if not args.memory:
-        from ._demo_native import DemoUnavailable, preflight
-
         try:
-            preflight()
-        except DemoUnavailable as exc:
+            require("the real-device demo")
+        except UsageError as exc:
             console.print(
                 f"[yellow]{exc}[/yellow]: showing the in-memory demo. "
                 "To see the real one, on Linux: sudo tunkit demo"
@@ -150,8 +82,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def _native_demo(args: argparse.Namespace, console: Console) -> int:
-    from ._demo_native import run_native_demo
-    from ._linux.device import NativeTun
+    from .._linux.device import NativeTun
+    from .demo_native import run_native_demo
 
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -225,45 +157,3 @@ def _memory_demo(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/red] {problem}")
     errors = sum(r.errors for r in results)
     return 1 if errors else 0
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _bridge(args: argparse.Namespace, console: Console) -> int:
-    from ._demo_native import DemoUnavailable, preflight
-
-    try:
-        preflight(tools=())  # configuration goes over netlink: no programs needed
-    except DemoUnavailable as exc:
-        raise _UsageError(str(exc).replace("the real-device demo", "tunkit bridge")) from None
-    stop = threading.Event()
-    try:
-        return run_bridge(args, console, stop)
-    except KeyboardInterrupt:
-        stop.set()
-        console.print("stopped")
-        return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with *argv* (default ``sys.argv[1:]``); return the exit status."""
-    args = _parser().parse_args(argv)
-    console = Console()
-    # SIGTERM unwinds like Ctrl-C, so every namespace and device made is removed.
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        if args.command == "demo":
-            return _demo(args, console)
-        if args.command == "bench":
-            return run_bench(args, console)
-        if args.command == "bridge":
-            return _bridge(args, console)
-    except (_UsageError, UsageError, BridgeError) as exc:
-        print(f"tunkit: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tunkit: interrupted", file=sys.stderr)
-        return 130
-    return 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,12 +13,12 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Final
 
-from ._forwarder import Point2Point
-from ._linux.device import NativeTun, TunStats, create_tun
-from ._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
-from ._pool import Pool
+from .._forwarder import Point2Point
+from .._linux.device import NativeTun, TunStats, create_tun
+from .._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
+from .._pool import Pool
 
-__all__ = ["NativeDemoResult", "PingResult", "preflight", "run_native_demo"]
+__all__ = ["NativeDemoResult", "PingResult", "run_native_demo"]
 
 # Addresses exist only inside the two namespaces this demo makes (RFC 1918 and
 # RFC 4193 ranges, never routed out of them).
@@ -62,10 +61,6 @@ conn.close()
 """
 
 
-class DemoUnavailable(Exception):
-    """The real demo cannot run here (no root, no /dev/net/tun, no ip or ping)."""
-
-
 @dataclass
 class PingResult:
     """Round-trip times of one ``ping`` run, in milliseconds."""
@@ -99,50 +94,6 @@ class NativeDemoResult:
     def errors(self) -> int:
         bad = sum(1 for p in self.pings if p.error or p.received != p.sent)
         return bad + (1 if self.tcp_error or not self.tcp_bytes else 0)
-
-
-# Bits of the capability sets in /proc/self/status, <linux/capability.h>.
-_CAP_NET_ADMIN: Final = 12
-_CAP_SYS_ADMIN: Final = 21
-
-
-def _missing_capabilities() -> list[str]:
-    """The capabilities the real demo needs that this process does not have."""
-    try:
-        with open("/proc/self/status") as f:
-            line = next(x for x in f if x.startswith("CapEff:"))
-    except (OSError, StopIteration):
-        return ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
-    effective = int(line.split()[1], 16)
-    return [
-        name
-        for name, bit in (("CAP_NET_ADMIN", _CAP_NET_ADMIN), ("CAP_SYS_ADMIN", _CAP_SYS_ADMIN))
-        if not effective >> bit & 1
-    ]
-
-
-# The programs the demo runs, with the Debian package that has each.
-DEMO_TOOLS: Final = (("ip", "iproute2"), ("ping", "iputils-ping"))
-
-
-def preflight(tools: tuple[tuple[str, str], ...] = DEMO_TOOLS) -> None:
-    """Check that the real demo (or a command needing the same) can run here.
-
-    *tools* are the programs it will run, each with its Debian package.
-
-    Raises:
-        DemoUnavailable: with one line naming what is missing.
-    """
-    missing = _missing_capabilities()
-    if missing:
-        raise DemoUnavailable(
-            f"the real-device demo needs root ({' and '.join(missing)} missing)"
-        )
-    if not os.path.exists("/dev/net/tun"):
-        raise DemoUnavailable("/dev/net/tun is missing (try: modprobe tun)")
-    for tool, package in tools:
-        if shutil.which(tool) is None:
-            raise DemoUnavailable(f"'{tool}' is missing (Debian package: {package})")
 
 
 def _ns_exec(ns: str, *argv: str) -> list[str]:

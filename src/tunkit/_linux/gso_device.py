@@ -1,0 +1,467 @@
+"""GsoNativeTun: a TUN device with the virtio-net header: kernel offloads, super-packets."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from collections.abc import MutableSequence, Sequence
+from typing import TYPE_CHECKING, Final, final
+
+from .._errors import ClosedError, TooManySegmentsError
+from .._offload import Coalescer, Write, _Malformed, _TooBig, split
+from .._offload.headers import byte_view
+from .._offload.vnet import (
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+    VNET_HDR,
+    VNET_HDR_LEN,
+    gso_segments,
+)
+from .._tun import check_offset
+from . import netlink
+from .device import _DROPPED_ON_WRITE, _MAX_KERNEL_PACKET, BATCH_OFFLOAD, HEADROOM, NativeTun
+from .ioctl import OFFLOAD_USO
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+__all__ = ["GsoNativeTun"]
+
+_SPLIT_FIRST: Final = 1  # PacketIo.write_gso: a super-packet of a refused kind
+# The kinds of super-packet a kernel refused, as bits (PacketIo.write_gso's *refused*).
+_REFUSED_TCP: Final = 1
+_REFUSED_UDP: Final = 2
+
+
+def _refused_bit(gso_type: int) -> int:
+    """The refusal bit of a virtio ``gso_type``: UDP (USO) or TCP (TSO, v4 or v6)."""
+    if gso_type & ~VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_UDP_L4:
+        return _REFUSED_UDP
+    return _REFUSED_TCP
+
+
+@final
+class GsoNativeTun(NativeTun):
+    """A :class:`NativeTun` with the virtio-net header: the kernel's offloads, and super-packets.
+
+    What :func:`create_tun` returns with ``offload=True`` (and :func:`open_tun`
+    for a descriptor with ``IFF_VNET_HDR``). ``read`` splits super-packets
+    into packets, ``write`` coalesces a batch into super-packets (GRO), and
+    ``read_gso``/``write_gso`` move super-packets whole: this class is a
+    :class:`tunkit.GsoTun`, while a plain :class:`NativeTun` is not.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        *,
+        vnet_hdr: bool,
+        offload_flags: int,
+        ns_fd: int | None,
+        monitor: netlink.LinkMonitor,
+    ) -> None:
+        """Private: use :func:`create_tun` or :func:`open_tun` (see :class:`NativeTun`)."""
+        # Read side, guarded by the read lock. One kernel packet (header
+        # included) lands in _rbuf; _pending is the length of one read there
+        # but not yet handed out (it did not fit the rest of a batch), 0 if none.
+        self._rbuf = bytearray(_MAX_KERNEL_PACKET)
+        self._rview = memoryview(self._rbuf)
+        self._pending = 0
+        self._read_error: BaseException | None = None  # kept for the next call
+        self._split_sizes = [0] * BATCH_OFFLOAD
+        # Write side, guarded by the write lock. A kind of super-packet that the
+        # kernel refused (EINVAL) is split before writing from then on.
+        uso = offload_flags & OFFLOAD_USO == OFFLOAD_USO
+        self._coalescer = Coalescer(tcp=True, udp=bool(uso))
+        self._refused = 0  # kinds refused (_REFUSED_TCP, _REFUSED_UDP), as PacketIo.write_gso takes
+        self._seg_bufs: list[bytearray] = []  # segments of a refused super-packet
+        self._seg_sizes: list[int] = []
+        super().__init__(
+            fd, name, vnet_hdr=vnet_hdr, offload_flags=offload_flags, ns_fd=ns_fd, monitor=monitor
+        )
+
+    # -- packets: read splits, write coalesces ----------------------------------
+
+    def read(
+        self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int = HEADROOM
+    ) -> int:
+        """Read packets into ``bufs[i][offset:]``, splitting super-packets; return the count.
+
+        Blocks until one kernel packet comes, then takes the ones already
+        waiting while buffers remain. A super-packet (TCP or UDP GSO) becomes
+        its segments, one per buffer, with their own headers and checksums; a
+        partial checksum is completed. A malformed kernel packet, or one whose
+        packets do not fit their buffers, is dropped and counted
+        (``dropped_malformed``, ``dropped_too_big``) and the read goes on. An
+        error after some packets were stored is raised by the next call.
+
+        Raises:
+            OffsetError: *offset* is below ``mro()``.
+            ValueError: fewer buffers than ``batch_size()``, or fewer sizes than buffers.
+            TooManySegmentsError: a super-packet has more segments than
+                *bufs*; it is dropped (and counted), and the next read goes on.
+            ClosedError: the device is closed, or closes while the call waits.
+        """
+        self._check_read_args(bufs, sizes, offset)
+        want = len(bufs)
+        fd = self._fd
+        iov = [self._rbuf]
+        rview = self._rview
+        with self._read_lock:
+            if self._read_error is not None:
+                error, self._read_error = self._read_error, None
+                raise error
+            stored = 0
+            while True:
+                if self._pending:
+                    n, self._pending = self._pending, 0
+                elif not stored:
+                    n = fd.readv_locked(iov)
+                else:
+                    try:
+                        n = fd.try_readv_locked(iov)
+                    except OSError as exc:
+                        self._read_error = exc
+                        return stored
+                    if n < 0:
+                        return stored
+                try:
+                    if stored:
+                        got = self._handle_kernel_packet(
+                            rview[:n], bufs[stored:], self._split_sizes, offset
+                        )
+                        sizes[stored : stored + got] = self._split_sizes[:got]
+                    else:
+                        got = self._handle_kernel_packet(rview[:n], bufs, sizes, offset)
+                except TooManySegmentsError:
+                    if stored:
+                        self._pending = n  # first in the next call, with all buffers
+                        return stored
+                    self._dropped_too_big += 1
+                    raise
+                stored += got
+                if stored >= want:
+                    return stored
+
+    def _handle_kernel_packet(
+        self,
+        data: memoryview,
+        bufs: Sequence[WriteableBuffer],
+        sizes: MutableSequence[int],
+        offset: int,
+    ) -> int:
+        """Turn one kernel read (virtio header + packet) into packets in *bufs*; return the count.
+
+        A malformed one, or one that does not fit, is dropped and counted: 0.
+        Called with the read lock held.
+
+        Raises:
+            TooManySegmentsError: more segments than buffers; nothing stored
+                or counted (the caller decides).
+        """
+        try:
+            count = split(data, bufs, sizes, offset)
+        except _Malformed:
+            self._dropped_malformed += 1
+            return 0
+        except _TooBig:
+            self._dropped_too_big += 1
+            return 0
+        if data[1] & ~VIRTIO_NET_HDR_GSO_ECN != VIRTIO_NET_HDR_GSO_NONE:
+            self._gso_split += 1
+        self._packets_read += count
+        self._bytes_read += sum(sizes[:count]) if count > 1 else sizes[0]
+        return count
+
+    def write(self, bufs: Sequence[ReadableBuffer], offset: int = HEADROOM) -> int:
+        """Write ``bufs[i][offset:]`` as packets, coalescing each flow's into super-packets.
+
+        The TCP segments and UDP datagrams of one flow in the batch go to the
+        kernel as one super-packet (GRO); every other packet is written alone.
+        Returns how many packets were handled, not how many system calls. If
+        the kernel refuses a super-packet (EINVAL: some kernels lack USO), its
+        packets are written one by one, that kind of coalescing is turned off
+        for the device, and ``stats().gro_refused`` counts it. A packet the
+        kernel refuses is dropped and counted as in :meth:`NativeTun.write`.
+        When another error hits after some packets went out, returns how many
+        leading packets were sent and the caller's retry raises it.
+
+        Raises:
+            OffsetError: *offset* is below ``mwo()``.
+            ClosedError: the device is closed, or closes during the call.
+            OSError: any other refusal of the first write.
+        """
+        if offset < HEADROOM:
+            check_offset("write", offset, HEADROOM)
+        fd = self._fd
+        with self._write_lock:
+            writes = self._coalescer.coalesce(bufs, offset)
+            done = 0  # leading packets of the batch handled so far
+            for w in writes:
+                try:
+                    if w.gso and self._was_refused(w.iov[0][1]):
+                        # Refused earlier in this batch: the coalescer heard of
+                        # it too late to leave this one whole.
+                        self._write_apart(w)
+                        done = w.prefix
+                        continue
+                    try:
+                        n = fd.writev_locked(w.iov)
+                    except OSError as exc:
+                        if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                            raise
+                        if exc.errno == errno.EINVAL and w.gso:
+                            self._refuse(w.iov[0][1])
+                            self._write_apart(w)
+                        else:
+                            self._dropped_write += len(w.packets)
+                        done = w.prefix
+                        continue
+                except OSError:
+                    if done:
+                        return done  # the caller's retry meets the error
+                    raise
+                done = w.prefix
+                if w.gso:
+                    self._gro_coalesced += len(w.packets)
+                    self._packets_written += len(w.packets)
+                    self._bytes_written += sum(map(len, w.packets))
+                else:
+                    self._packets_written += 1
+                    self._bytes_written += n - VNET_HDR_LEN
+            return len(bufs)
+
+    def _write_apart(self, w: Write) -> None:
+        """Write the packets of *w* one by one (GSO_NONE), dropping and counting refusals."""
+        for iov in w.one_by_one():
+            self._write_one(iov)
+
+    def _was_refused(self, gso_type: int) -> bool:
+        """Whether the kernel refused a super-packet of *gso_type*'s kind before."""
+        return bool(self._refused & _refused_bit(gso_type))
+
+    def _refuse(self, gso_type: int) -> None:
+        """The kernel refused a super-packet of *gso_type*: split that kind from now on."""
+        self._gro_refused += 1
+        bit = _refused_bit(gso_type)
+        self._refused |= bit
+        if bit == _REFUSED_UDP:
+            self._coalescer.udp = False
+        else:
+            self._coalescer.tcp = False
+
+    def _write_one(self, iov: list[memoryview]) -> None:
+        """Write one packet (header and packet in *iov*), dropping and counting a refusal."""
+        try:
+            n = self._fd.writev_locked(iov)
+        except OSError as exc:
+            if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                raise
+            self._dropped_write += 1
+            return
+        self._packets_written += 1
+        self._bytes_written += n - VNET_HDR_LEN
+
+    # -- super-packets whole ----------------------------------------------------
+
+    def read_gso(
+        self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int = HEADROOM
+    ) -> int:
+        """Read kernel packets whole, super-packets included; return how many were stored.
+
+        Packet ``i`` is stored at ``bufs[i][offset:offset + sizes[i]]`` with
+        its 10-byte virtio-net header at ``bufs[i][offset - 10:offset]``: a
+        GSO super-packet of up to 64 KB of one TCP or UDP flow, or a single
+        packet (``GSO_NONE``, possibly with a partial checksum to complete).
+        Blocks until the first comes, then takes those already waiting, one
+        per buffer. Any number of buffers will do; give each room for
+        ``offset + 65535`` bytes, because a packet longer than its buffer's
+        room is dropped and counted (``dropped_too_big``), as is one whose
+        header does not match it (``dropped_malformed``). An error after some
+        packets were stored is raised by the next call.
+
+        Raises:
+            OffsetError: *offset* is below ``mro()``.
+            ValueError: no buffers, or fewer sizes than buffers.
+            ClosedError: the device is closed, or closes while the call waits.
+        """
+        if offset < HEADROOM:
+            check_offset("read", offset, HEADROOM)
+        if not bufs:
+            raise ValueError("read_gso with 0 buffers")
+        if len(sizes) < len(bufs):
+            raise ValueError(f"read_gso with {len(sizes)} sizes for {len(bufs)} buffers")
+        io = self._io
+        if io is not None and not self._pending and self._read_error is None:
+            # The whole batch in one C call (PacketIo.read_gso): the reads,
+            # the header checks and the counters, with the GIL released once.
+            stored, err = io.read_gso(bufs, sizes, offset - VNET_HDR_LEN, self._overflow)
+            if err:
+                exc = self._fd.errno_failure(err, "read")
+                if not stored:
+                    raise exc
+                self._read_error = exc
+            return stored
+        want = len(bufs)
+        fd = self._fd
+        overflow = self._overflow
+        at = offset - VNET_HDR_LEN
+        with self._read_lock:
+            if self._read_error is not None:
+                error, self._read_error = self._read_error, None
+                raise error
+            stored = 0
+            while stored < want:
+                room = byte_view(bufs[stored], at)
+                if self._pending:
+                    # Left by read(): hand it on whole if it fits.
+                    n, self._pending = self._pending, 0
+                    if n <= len(room):
+                        room[:n] = self._rview[:n]
+                elif not stored:
+                    n = fd.readv_locked([room, overflow])
+                else:
+                    try:
+                        n = fd.try_readv_locked([room, overflow])
+                    except OSError as exc:
+                        self._read_error = exc
+                        return stored
+                    if n < 0:
+                        return stored
+                if n > len(room):
+                    self._dropped_too_big += 1
+                    continue
+                segments, hdr_len = gso_segments(room[:n])
+                if not segments:
+                    self._dropped_malformed += 1
+                    continue
+                ip_len = n - VNET_HDR_LEN
+                sizes[stored] = ip_len
+                stored += 1
+                self._packets_read += segments
+                # As many bytes as the segments carry: headers once per segment.
+                self._bytes_read += ip_len + (segments - 1) * hdr_len
+                if hdr_len:
+                    self._gso_read += 1
+            return stored
+
+    def write_gso(self, bufs: Sequence[ReadableBuffer], offset: int = HEADROOM) -> int:
+        """Write packets whole with their virtio-net headers; return how many were handled.
+
+        Packet ``i`` is ``bufs[i][offset:]`` and its header is
+        ``bufs[i][offset - 10:offset]`` (as :meth:`read_gso` stores them): one
+        system call each, super-packets included. A super-packet the kernel
+        refuses (EINVAL, a kernel without USO say) is split and written
+        segment by segment, and that kind is split first from then on
+        (``stats().gro_refused``): nothing is lost. Other refusals are
+        dropped and counted as in :meth:`write`. When another error hits
+        after some packets went out, returns how many were handled.
+
+        Raises:
+            OffsetError: *offset* is below ``mwo()``.
+            ClosedError: the device is closed, or closes during the call.
+            OSError: any other refusal of the first packet.
+        """
+        if offset < HEADROOM:
+            check_offset("write", offset, HEADROOM)
+        io = self._io
+        if io is None:
+            return self._write_gso_pure(bufs, offset)
+        # The batch in C (PacketIo.write_gso); a packet it hands back (a kind
+        # the kernel refused, or an error) goes through the Python path alone.
+        at = offset - VNET_HDR_LEN
+        total = len(bufs)
+        done = 0
+        while done < total:
+            rest = bufs if not done else list(itertools.islice(bufs, done, None))
+            n, err = io.write_gso(rest, at, self._refused)
+            done += n
+            if err == 0 or err == -errno.EINTR:
+                continue
+            if err != _SPLIT_FIRST and err != -errno.EINVAL:
+                exc = self._fd.errno_failure(err, "write")
+                if done:
+                    return done  # the caller's retry meets the error
+                raise exc
+            # A super-packet of a kind the kernel refused before, or refuses
+            # now (EINVAL): split and written segment by segment, as in
+            # _write_gso_pure; the first refusal of a kind turns it off.
+            data = byte_view(bufs[done], at)
+            with self._write_lock:
+                try:
+                    if self._write_split(data) and err != _SPLIT_FIRST:
+                        self._refuse(data[1])
+                except OSError:
+                    if done:
+                        return done
+                    raise
+            done += 1
+        return done
+
+    def _write_gso_pure(self, bufs: Sequence[ReadableBuffer], offset: int) -> int:
+        write = self._fd.write_locked
+        at = offset - VNET_HDR_LEN
+        done = 0
+        with self._write_lock:
+            for buf in bufs:
+                data = byte_view(buf, at)
+                kind = data[1] & ~VIRTIO_NET_HDR_GSO_ECN if len(data) > 1 else 0
+                try:
+                    if kind != VIRTIO_NET_HDR_GSO_NONE and self._was_refused(kind):
+                        self._write_split(data)
+                        done += 1
+                        continue
+                    try:
+                        write(data)
+                    except OSError as exc:
+                        if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                            raise
+                        if exc.errno == errno.EINVAL and kind != VIRTIO_NET_HDR_GSO_NONE:
+                            if self._write_split(data):
+                                self._refuse(kind)
+                        else:
+                            self._dropped_write += 1
+                        done += 1
+                        continue
+                except OSError:
+                    if done:
+                        return done  # the caller's retry meets the error
+                    raise
+                done += 1
+                segments, hdr_len = gso_segments(data)
+                if hdr_len:
+                    self._gso_written += 1
+                segments = segments or 1  # not ours to judge: the kernel took it
+                ip_len = len(data) - VNET_HDR_LEN
+                self._packets_written += segments
+                self._bytes_written += ip_len + (segments - 1) * hdr_len
+        return done
+
+    def _write_split(self, data: memoryview) -> bool:
+        """Split super-packet *data* (header + packet) and write the segments one by one.
+
+        Returns whether it could be split; one that cannot is dropped and
+        counted in ``dropped_write``. Called with the write lock held.
+        """
+        segments, hdr_len = gso_segments(data)
+        if not segments:
+            self._dropped_write += 1
+            return False
+        seg_room = VNET_HDR_LEN + hdr_len + VNET_HDR.unpack_from(data)[3]
+        if len(self._seg_bufs) < segments or len(self._seg_bufs[0]) < seg_room:
+            count = max(segments, len(self._seg_bufs))
+            size = max(seg_room, len(self._seg_bufs[0]) if self._seg_bufs else 0)
+            # Zero-filled: the first 10 bytes of each stay an empty virtio header.
+            self._seg_bufs = [bytearray(size) for _ in range(count)]
+            self._seg_sizes = [0] * count
+        try:
+            count = split(data, self._seg_bufs, self._seg_sizes, VNET_HDR_LEN)
+        except (_Malformed, _TooBig, TooManySegmentsError):
+            self._dropped_write += 1
+            return False
+        for i in range(count):
+            seg = memoryview(self._seg_bufs[i])[: VNET_HDR_LEN + self._seg_sizes[i]]
+            self._write_one([seg])
+        return True
