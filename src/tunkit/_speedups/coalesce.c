@@ -6,17 +6,24 @@
 
 #include "tunkit.h"
 
-/* coalesce.py: _SLOT_LEN, _MAX_UDP_SEGMENTS, _MAX_TCP_SEGMENTS */
-#define SLOT_LEN (VNET_HDR_LEN + IP6_HDR_LEN + 60)
+/* coalesce.py's _SLOT_LEN: scratch room per super-packet, the virtio header
+ * + an IPv4 (no options) or IPv6 header + the longest TCP header. */
+#define SLOT_LEN (VNET_HDR_LEN + IP6_HDR_LEN + TCP_MAX_HDR_LEN)
+/* _MAX_UDP_SEGMENTS: UDP_MAX_SEGMENTS of <net/udp.h> (64 before Linux 6.9);
+ * virtio_net_hdr_to_skb refuses a USO packet of more datagrams. */
 #define MAX_UDP_SEGMENTS 64
+/* _MAX_TCP_SEGMENTS: IOV_MAX is 1024, two pieces of header, then one per packet. */
 #define MAX_TCP_SEGMENTS (1024 - 2)
+/* _TCP_NEVER: the flags that never merge; _IP4_FRAGMENT: MF and the offset. */
+#define TCP_NEVER (TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_URG)
+#define IP4_FRAGMENT (IP4_FLAG_MF | IP4_FRAG_OFFSET_MASK)
 
 enum { K_NONE = 0, K_KEY = 1, K_CAND = 2 };
 
 typedef struct {
     uint8_t proto, is_v6;
-    uint8_t ports[4];
-    uint8_t addrs[32];
+    uint8_t ports[L4_PORTS_LEN];
+    uint8_t addrs[IP6_ADDRS_LEN]; /* IPv4: the first IP4_ADDRS_LEN */
 } flowkey_t; /* only uint8_t members: no padding, memcmp is exact */
 
 typedef struct {
@@ -65,22 +72,23 @@ parse_pkt(pkt_t *k, int tcp, int udp, flowkey_t *key)
     if (n < IP4_MIN_HDR_LEN) {
         return;
     }
-    int version = p[0] >> 4;
+    int version = p[IP4_VER_IHL] >> 4;
     Py_ssize_t iph_len;
     int mergeable;
     memset(key, 0, sizeof *key);
     if (version == 4) {
-        iph_len = (p[0] & 0x0F) * 4;
+        iph_len = (p[IP4_VER_IHL] & 0x0F) * 4;
         if (iph_len < IP4_MIN_HDR_LEN) {
             return;
         }
-        uint16_t frag = get16(p + 6);
+        uint16_t frag = get16(p + IP4_FLAGS_FRAG);
         k->is_v6 = 0;
         k->df = (frag & IP4_FLAG_DF) != 0;
-        k->ip_id = get16(p + 4);
-        k->proto = p[9];
-        mergeable = iph_len == IP4_MIN_HDR_LEN && get16(p + 2) == n && !(frag & IP4_FRAGMENT);
-        memcpy(key->addrs, p + 12, 8);
+        k->ip_id = get16(p + IP4_ID);
+        k->proto = p[IP4_PROTOCOL];
+        mergeable =
+            iph_len == IP4_MIN_HDR_LEN && get16(p + IP4_TOTAL_LEN) == n && !(frag & IP4_FRAGMENT);
+        memcpy(key->addrs, p + IP4_SRC, IP4_ADDRS_LEN);
     }
     else if (version == 6) {
         if (n < IP6_HDR_LEN) {
@@ -90,21 +98,21 @@ parse_pkt(pkt_t *k, int tcp, int udp, flowkey_t *key)
         k->is_v6 = 1;
         k->df = 1;
         k->ip_id = 0;
-        k->proto = p[6];
-        mergeable = get16(p + 4) == n - IP6_HDR_LEN;
-        memcpy(key->addrs, p + 8, 32);
+        k->proto = p[IP6_NEXT_HEADER];
+        mergeable = get16(p + IP6_PAYLOAD_LEN) == n - IP6_HDR_LEN;
+        memcpy(key->addrs, p + IP6_SRC, IP6_ADDRS_LEN);
     }
     else {
         return;
     }
     Py_ssize_t l4_min;
-    if (k->proto == IPPROTO_TCP_) {
+    if (k->proto == IPPROTO_TCP) {
         if (!tcp) {
             return;
         }
         l4_min = TCP_MIN_HDR_LEN;
     }
-    else if (k->proto == IPPROTO_UDP_) {
+    else if (k->proto == IPPROTO_UDP) {
         if (!udp) {
             return;
         }
@@ -114,34 +122,34 @@ parse_pkt(pkt_t *k, int tcp, int udp, flowkey_t *key)
         return;
     }
     if (n < iph_len + l4_min) {
-        if (n < iph_len + 4) {
+        if (n < iph_len + L4_PORTS_LEN) {
             return;
         }
         mergeable = 0; /* _key_only: it closes its flow, nothing more */
     }
     key->proto = k->proto;
     key->is_v6 = k->is_v6;
-    memcpy(key->ports, p + iph_len, 4);
+    memcpy(key->ports, p + iph_len + TCP_SRC_PORT, L4_PORTS_LEN);
     k->kind = K_KEY;
     k->iph_len = (uint16_t)iph_len;
     if (!mergeable) {
         return;
     }
     const uint8_t *l4 = p + iph_len;
-    if (k->proto == IPPROTO_TCP_) {
-        Py_ssize_t tcph_len = (l4[12] >> 4) * 4;
+    if (k->proto == IPPROTO_TCP) {
+        Py_ssize_t tcph_len = (l4[TCP_DATA_OFFSET] >> 4) * 4;
         Py_ssize_t hdr_len = iph_len + tcph_len;
-        k->flags = l4[13];
+        k->flags = l4[TCP_FLAGS];
         if (tcph_len < TCP_MIN_HDR_LEN || n <= hdr_len || (k->flags & TCP_NEVER)) {
             return;
         }
         k->hdr_len = (uint16_t)hdr_len;
-        k->seq = get32(l4 + 4);
+        k->seq = get32(l4 + TCP_SEQ);
     }
     else {
         Py_ssize_t hdr_len = iph_len + UDP_HDR_LEN;
         /* A zero checksum means "none" (IPv4) or is invalid (IPv6). */
-        if (get16(l4 + 4) != n - iph_len || n <= hdr_len || get16(l4 + 6) == 0) {
+        if (get16(l4 + UDP_LEN) != n - iph_len || n <= hdr_len || get16(l4 + UDP_CHECKSUM) == 0) {
             return;
         }
         k->hdr_len = (uint16_t)hdr_len;
@@ -152,29 +160,39 @@ parse_pkt(pkt_t *k, int tcp, int udp, flowkey_t *key)
     k->kind = K_CAND;
 }
 
+/* p[at:end] == q[at:end]: the fields of two headers from offset at up to end. */
+static inline int
+same_fields(const uint8_t *p, const uint8_t *q, size_t at, size_t end)
+{
+    return memcmp(p + at, q + at, end - at) == 0;
+}
+
 /* The sig of coalesce._Candidate: fields equal all along the flow. */
 static int
 same_sig(const pkt_t *a, const pkt_t *b)
 {
     const uint8_t *p = a->p, *q = b->p;
     if (a->is_v6) {
-        if (memcmp(p, q, 4) != 0 || p[7] != q[7]) { /* version/class/label, hop limit */
+        /* version, traffic class and flow label; hop limit */
+        if (!same_fields(p, q, IP6_VER_TC_FLOW, IP6_PAYLOAD_LEN) ||
+            p[IP6_HOP_LIMIT] != q[IP6_HOP_LIMIT]) {
             return 0;
         }
     }
-    else if (p[1] != q[1] || memcmp(p + 6, q + 6, 3) != 0) { /* TOS, flags/frag, TTL */
-        return 0;
+    else if (p[IP4_TOS] != q[IP4_TOS] || !same_fields(p, q, IP4_FLAGS_FRAG, IP4_PROTOCOL)) {
+        return 0; /* TOS; flags/fragment and TTL */
     }
-    if (a->proto != IPPROTO_TCP_) {
+    if (a->proto != IPPROTO_TCP) {
         return 1;
     }
     const uint8_t *s = p + a->iph_len, *t = q + b->iph_len;
-    return memcmp(s + 8, t + 8, 5) == 0 /* ack, data offset */
-           && (s[13] & ~(TCP_LAST_ONLY | TCP_FIRST_ONLY)) ==
-                  (t[13] & ~(TCP_LAST_ONLY | TCP_FIRST_ONLY))
-           && memcmp(s + 14, t + 14, 2) == 0    /* window */
-           && memcmp(s + 18, t + 18, 2) == 0    /* urgent pointer */
-           && memcmp(s + 20, t + 20, (size_t)(a->hdr_len - a->iph_len - 20)) == 0; /* options */
+    return same_fields(s, t, TCP_ACK, TCP_FLAGS) /* ack, data offset */
+           && (s[TCP_FLAGS] & ~(TCP_LAST_ONLY | TCP_FIRST_ONLY)) ==
+                  (t[TCP_FLAGS] & ~(TCP_LAST_ONLY | TCP_FIRST_ONLY))
+           && same_fields(s, t, TCP_WINDOW, TCP_CHECKSUM)      /* window */
+           && same_fields(s, t, TCP_URGENT, TCP_MIN_HDR_LEN)   /* urgent pointer */
+           && memcmp(s + TCP_MIN_HDR_LEN, t + TCP_MIN_HDR_LEN, /* options */
+                     (size_t)(a->hdr_len - a->iph_len - TCP_MIN_HDR_LEN)) == 0;
 }
 
 /* coalesce._Group.accepts */
@@ -193,7 +211,7 @@ accepts(group_t *g, const pkt_t *head, const pkt_t *c)
     if (g->count >= g->max_segments) {
         return 0;
     }
-    if (c->proto == IPPROTO_TCP_ && c->seq != g->next_seq) {
+    if (c->proto == IPPROTO_TCP && c->seq != g->next_seq) {
         return 0;
     }
     if (!c->is_v6) {
@@ -223,13 +241,13 @@ valid(const pkt_t *k)
     const uint8_t *p = k->p;
     uint32_t addrs;
     if (k->is_v6) {
-        addrs = be_sum(p + 8, 32);
+        addrs = be_sum(p + IP6_SRC, IP6_ADDRS_LEN);
     }
     else {
         if (ones_sum_raw(p, k->iph_len, 0) != 0xFFFF) {
             return 0;
         }
-        addrs = be_sum(p + 12, 8);
+        addrs = be_sum(p + IP4_SRC, IP4_ADDRS_LEN);
     }
     uint64_t l4_len = (uint64_t)(k->n - k->iph_len);
     return ones_sum_raw(p + k->iph_len, (size_t)l4_len, (uint64_t)addrs + k->proto + l4_len) ==
@@ -324,7 +342,7 @@ plan_batch(batch_t *b)
         g->first_id = k->ip_id;
         g->id_step = -1;
         g->last_flags = k->flags;
-        g->max_segments = k->proto == IPPROTO_UDP_ ? MAX_UDP_SEGMENTS : MAX_TCP_SEGMENTS;
+        g->max_segments = k->proto == IPPROTO_UDP ? MAX_UDP_SEGMENTS : MAX_TCP_SEGMENTS;
         g->closed = 0;
         g->validated = 0;
         flow->open = gi;
@@ -344,41 +362,42 @@ patch_group(const batch_t *b, const group_t *g, uint8_t *slot)
     uint32_t l4_len = total_len - (uint32_t)iph_len;
     uint32_t addrs;
     if (head->is_v6) {
-        put16(hdrs + 4, l4_len);
-        addrs = be_sum(head->p + 8, 32);
+        put16(hdrs + IP6_PAYLOAD_LEN, l4_len);
+        addrs = be_sum(head->p + IP6_SRC, IP6_ADDRS_LEN);
     }
     else {
         /* The head's header checksum was verified: update it (RFC 1624). */
-        put16(hdrs + 2, total_len);
-        put16(hdrs + 10, update16_raw(get16(head->p + 10), (uint32_t)head->n, total_len));
-        addrs = be_sum(head->p + 12, 8);
+        put16(hdrs + IP4_TOTAL_LEN, total_len);
+        put16(hdrs + IP4_CHECKSUM,
+              update16_raw(get16(head->p + IP4_CHECKSUM), (uint32_t)head->n, total_len));
+        addrs = be_sum(head->p + IP4_SRC, IP4_ADDRS_LEN);
     }
     /* CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum. */
     uint32_t partial = fold64((uint64_t)addrs + head->proto + l4_len);
     uint8_t gso_type;
     uint16_t csum_offset;
-    if (head->proto == IPPROTO_TCP_) {
+    if (head->proto == IPPROTO_TCP) {
         uint8_t flags = head->flags | (g->last_flags & TCP_LAST_ONLY);
-        hdrs[iph_len + 13] = flags;
-        put16(hdrs + iph_len + 16, partial);
-        gso_type = head->is_v6 ? GSO_TCPV6 : GSO_TCPV4;
-        if (flags & TCP_CWR) {
-            gso_type |= GSO_ECN;
+        hdrs[iph_len + TCP_FLAGS] = flags;
+        put16(hdrs + iph_len + TCP_CHECKSUM, partial);
+        gso_type = head->is_v6 ? VIRTIO_NET_HDR_GSO_TCPV6 : VIRTIO_NET_HDR_GSO_TCPV4;
+        if (flags & TCP_FLAG_CWR) {
+            gso_type |= VIRTIO_NET_HDR_GSO_ECN;
         }
-        csum_offset = 16;
+        csum_offset = TCP_CHECKSUM;
     }
     else {
-        put16(hdrs + iph_len + 4, l4_len);
-        put16(hdrs + iph_len + 6, partial);
-        gso_type = GSO_UDP_L4;
-        csum_offset = 6;
+        put16(hdrs + iph_len + UDP_LEN, l4_len);
+        put16(hdrs + iph_len + UDP_CHECKSUM, partial);
+        gso_type = VIRTIO_NET_HDR_GSO_UDP_L4;
+        csum_offset = UDP_CHECKSUM;
     }
-    vnet[0] = F_NEEDS_CSUM;
-    vnet[1] = gso_type;
-    put_host16(vnet + 2, (uint16_t)hdr_len);
-    put_host16(vnet + 4, (uint16_t)g->gso_size);
-    put_host16(vnet + 6, (uint16_t)iph_len);
-    put_host16(vnet + 8, csum_offset);
+    vnet[VNET_FLAGS] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    vnet[VNET_GSO_TYPE] = gso_type;
+    put_host16(vnet + VNET_HDR_LEN_FIELD, (uint16_t)hdr_len);
+    put_host16(vnet + VNET_GSO_SIZE, (uint16_t)g->gso_size);
+    put_host16(vnet + VNET_CSUM_START, (uint16_t)iph_len);
+    put_host16(vnet + VNET_CSUM_OFFSET, csum_offset);
 }
 
 /* A Write (a NamedTuple: a tuple subclass without slots) built as
@@ -390,7 +409,7 @@ new_write(state_t *st, PyObject *iov, PyObject *packets, Py_ssize_t first, int g
     PyTypeObject *tp = (PyTypeObject *)st->write_cls;
     PyObject *first_o = PyLong_FromSsize_t(first);
     PyObject *prefix_o = PyLong_FromSsize_t(prefix);
-    PyObject *w = (first_o && prefix_o) ? tp->tp_alloc(tp, 5) : NULL;
+    PyObject *w = (first_o && prefix_o) ? tp->tp_alloc(tp, WRITE_FIELDS) : NULL;
     if (w == NULL) {
         Py_XDECREF(first_o);
         Py_XDECREF(prefix_o);

@@ -89,7 +89,7 @@ py_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *fields = PyType_Check(args[3]) ? PyObject_GetAttrString(args[3], "_fields") : NULL;
     Py_ssize_t n_fields = fields ? PyObject_Length(fields) : -1;
     Py_XDECREF(fields);
-    if (n_fields != 5 || !PyType_IsSubtype((PyTypeObject *)args[3], &PyTuple_Type) ||
+    if (n_fields != WRITE_FIELDS || !PyType_IsSubtype((PyTypeObject *)args[3], &PyTuple_Type) ||
         ((PyTypeObject *)args[3])->tp_basicsize != PyTuple_Type.tp_basicsize) {
         PyErr_Clear();
         PyErr_SetString(PyExc_TypeError, "bind(): write_cls must be a NamedTuple of 5 fields");

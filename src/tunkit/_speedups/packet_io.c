@@ -20,6 +20,13 @@
 #include <time.h>
 #include <unistd.h>
 
+/* write_gso's *refused*: the kinds of super-packet the kernel refused, as
+ * bits (gso_device.py: _REFUSED_TCP, _REFUSED_UDP); and the err it returns
+ * for a packet of such a kind, handed back to be split (_SPLIT_FIRST). */
+#define REFUSED_TCP 1
+#define REFUSED_UDP 2
+#define SPLIT_FIRST 1
+
 /*
  * A device without offload costs a system call per packet, so what Python
  * runs around that call decides its speed (device.py, NativeTun.read and
@@ -287,45 +294,45 @@ gso_check(const uint8_t *data, Py_ssize_t len, Py_ssize_t *hdr_len_out)
         return 0;
     }
     const uint8_t *ip = data + VNET_HDR_LEN;
-    uint8_t flags = data[0], gso_type = data[1];
-    uint16_t gso_size = host16(data + 4), csum_start = host16(data + 6),
-             csum_offset = host16(data + 8);
-    int version = ip[0] >> 4, proto;
+    uint8_t flags = data[VNET_FLAGS], gso_type = data[VNET_GSO_TYPE];
+    uint16_t gso_size = host16(data + VNET_GSO_SIZE), csum_start = host16(data + VNET_CSUM_START),
+             csum_offset = host16(data + VNET_CSUM_OFFSET);
+    int version = ip[IP4_VER_IHL] >> 4, proto;
     Py_ssize_t iph_len;
     if (version == 4) {
-        iph_len = (ip[0] & 0x0F) * 4;
-        if (iph_len < IP4_MIN_HDR_LEN || iph_len > ip_len || get16(ip + 2) != ip_len) {
+        iph_len = (ip[IP4_VER_IHL] & 0x0F) * 4;
+        if (iph_len < IP4_MIN_HDR_LEN || iph_len > ip_len || get16(ip + IP4_TOTAL_LEN) != ip_len) {
             return 0;
         }
-        proto = ip[9];
+        proto = ip[IP4_PROTOCOL];
     }
     else if (version == 6) {
         iph_len = IP6_HDR_LEN;
-        if (ip_len < IP6_HDR_LEN || get16(ip + 4) + IP6_HDR_LEN != ip_len) {
+        if (ip_len < IP6_HDR_LEN || get16(ip + IP6_PAYLOAD_LEN) + IP6_HDR_LEN != ip_len) {
             return 0;
         }
-        proto = ip[6];
+        proto = ip[IP6_NEXT_HEADER];
     }
     else {
         return 0;
     }
-    int needs_csum = flags & F_NEEDS_CSUM;
-    if (needs_csum && (Py_ssize_t)csum_start + csum_offset + 2 > ip_len) {
+    int needs_csum = flags & VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    if (needs_csum && (Py_ssize_t)csum_start + csum_offset + CSUM_FIELD_LEN > ip_len) {
         return 0;
     }
-    int kind = gso_type & ~GSO_ECN;
-    if (kind == GSO_NONE) {
+    int kind = gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+    if (kind == VIRTIO_NET_HDR_GSO_NONE) {
         return 1;
     }
     int need_version, need_proto;
-    if (kind == GSO_TCPV4) {
-        need_version = 4, need_proto = IPPROTO_TCP_;
+    if (kind == VIRTIO_NET_HDR_GSO_TCPV4) {
+        need_version = 4, need_proto = IPPROTO_TCP;
     }
-    else if (kind == GSO_TCPV6) {
-        need_version = 6, need_proto = IPPROTO_TCP_;
+    else if (kind == VIRTIO_NET_HDR_GSO_TCPV6) {
+        need_version = 6, need_proto = IPPROTO_TCP;
     }
-    else if (kind == GSO_UDP_L4) {
-        need_version = 0, need_proto = IPPROTO_UDP_;
+    else if (kind == VIRTIO_NET_HDR_GSO_UDP_L4) {
+        need_version = 0, need_proto = IPPROTO_UDP;
     }
     else {
         return 0;
@@ -335,19 +342,19 @@ gso_check(const uint8_t *data, Py_ssize_t len, Py_ssize_t *hdr_len_out)
     }
     Py_ssize_t l4_hdr_len;
     int csum_field;
-    if (proto == IPPROTO_TCP_) {
+    if (proto == IPPROTO_TCP) {
         if (ip_len < iph_len + TCP_MIN_HDR_LEN) {
             return 0;
         }
-        l4_hdr_len = (ip[iph_len + 12] >> 4) * 4;
+        l4_hdr_len = (ip[iph_len + TCP_DATA_OFFSET] >> 4) * 4;
         if (l4_hdr_len < TCP_MIN_HDR_LEN) {
             return 0;
         }
-        csum_field = 16;
+        csum_field = TCP_CHECKSUM;
     }
     else {
         l4_hdr_len = UDP_HDR_LEN;
-        csum_field = 6;
+        csum_field = UDP_CHECKSUM;
     }
     Py_ssize_t hdr_len = iph_len + l4_hdr_len;
     if (hdr_len > ip_len || hdr_len + gso_size > IP_MAX_PACKET_LEN) {
@@ -608,15 +615,17 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
             Py_ssize_t start = at < v->len ? at : v->len;
             const uint8_t *data = (const uint8_t *)v->buf + start;
             Py_ssize_t len = v->len - start;
-            int kind = len > 1 ? data[1] & ~GSO_ECN : GSO_NONE;
-            if (kind != GSO_NONE && (refused & (kind == GSO_UDP_L4 ? 2 : 1))) {
-                err = 1;
+            int kind = len > VNET_GSO_TYPE ? data[VNET_GSO_TYPE] & ~VIRTIO_NET_HDR_GSO_ECN
+                                            : VIRTIO_NET_HDR_GSO_NONE;
+            if (kind != VIRTIO_NET_HDR_GSO_NONE &&
+                (refused & (kind == VIRTIO_NET_HDR_GSO_UDP_L4 ? REFUSED_UDP : REFUSED_TCP))) {
+                err = SPLIT_FIRST;
                 break;
             }
             struct iovec iov = {(void *)data, (size_t)len};
             Py_ssize_t n = io_wait_call(fd, wake, POLLOUT, &iov, 1);
             if (n < 0) {
-                if (n == -EIO || (n == -EINVAL && kind == GSO_NONE)) {
+                if (n == -EIO || (n == -EINVAL && kind == VIRTIO_NET_HDR_GSO_NONE)) {
                     dropped++;
                     done++;
                     continue;

@@ -116,8 +116,8 @@ copy_through(state_t *st, const vnet_t *h, const uint8_t *ip, Py_ssize_t ip_len,
         goto done;
     }
     Py_ssize_t cs = h->csum_start, at = (Py_ssize_t)h->csum_start + h->csum_offset;
-    int needs_csum = h->flags & F_NEEDS_CSUM;
-    if (needs_csum && (cs >= ip_len || at + 2 > ip_len)) {
+    int needs_csum = h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    if (needs_csum && (cs >= ip_len || at + CSUM_FIELD_LEN > ip_len)) {
         PyErr_Format(st->malformed,
                      "csum_start %zd + csum_offset %d is beyond the packet of %zd bytes", cs,
                      (int)h->csum_offset, ip_len);
@@ -160,7 +160,7 @@ typedef struct {
     uint32_t addr_sum, ip_base_sum, first_seq;
     uint16_t first_id;
     uint8_t flags, middle_flags;
-    uint8_t template[IP6_HDR_LEN + 60];
+    uint8_t template[IP6_HDR_LEN + TCP_MAX_HDR_LEN];
 } plan_t;
 
 /* The segments, GIL released or not: no Python object is touched. */
@@ -177,18 +177,18 @@ write_segments(const plan_t *pl, uint8_t *const *outs, Py_ssize_t *lens)
         data += pl->gso_size;
         if (pl->is_v4) {
             uint32_t seg_id = (uint32_t)(pl->first_id + i) & 0xFFFF;
-            put16(out + 2, (uint32_t)seg_len);
-            put16(out + 4, seg_id);
-            put16(out + 10,
+            put16(out + IP4_TOTAL_LEN, (uint32_t)seg_len);
+            put16(out + IP4_ID, seg_id);
+            put16(out + IP4_CHECKSUM,
                   ~fold64((uint64_t)pl->ip_base_sum + (uint64_t)seg_len + seg_id) & 0xFFFF);
         }
         else {
-            put16(out + 4, (uint32_t)(seg_len - IP6_HDR_LEN));
+            put16(out + IP6_PAYLOAD_LEN, (uint32_t)(seg_len - IP6_HDR_LEN));
         }
         uint64_t l4_len = (uint64_t)(seg_len - iph_len);
         uint32_t value;
         if (pl->is_tcp) {
-            put32(out + iph_len + 4, pl->first_seq + (uint32_t)((uint64_t)i * pl->gso_size));
+            put32(out + iph_len + TCP_SEQ, pl->first_seq + (uint32_t)((uint64_t)i * pl->gso_size));
             uint8_t seg_flags = pl->middle_flags;
             if (i == 0) {
                 seg_flags |= pl->flags & TCP_FIRST_ONLY;
@@ -196,11 +196,11 @@ write_segments(const plan_t *pl, uint8_t *const *outs, Py_ssize_t *lens)
             if (i == pl->count - 1) {
                 seg_flags |= pl->flags & TCP_LAST_ONLY;
             }
-            out[iph_len + 13] = seg_flags;
+            out[iph_len + TCP_FLAGS] = seg_flags;
             value = ~ones_sum_raw(out + iph_len, (size_t)l4_len, pl->addr_sum + l4_len) & 0xFFFF;
         }
         else {
-            put16(out + iph_len + 4, (uint32_t)l4_len);
+            put16(out + iph_len + UDP_LEN, (uint32_t)l4_len);
             value = ~ones_sum_raw(out + iph_len, (size_t)l4_len, pl->addr_sum + l4_len) & 0xFFFF;
             if (value == 0) {
                 value = 0xFFFF; /* RFC 768: 0 would mean "no checksum" */
@@ -218,37 +218,37 @@ split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *
 {
     plan_t pl;
     pl.ip = ip;
-    pl.is_tcp = proto == IPPROTO_TCP_;
+    pl.is_tcp = proto == IPPROTO_TCP;
     if (ip_len < IP4_MIN_HDR_LEN) {
         PyErr_Format(st->malformed, "super-packet of %zd bytes is shorter than an IP header",
                      ip_len);
         return NULL;
     }
-    int version = ip[0] >> 4;
+    int version = ip[IP4_VER_IHL] >> 4;
     Py_ssize_t addrs_at, addrs_len;
     if (version == 4) {
-        if (gso_type == GSO_TCPV6) {
+        if (gso_type == VIRTIO_NET_HDR_GSO_TCPV6) {
             PyErr_Format(st->malformed, "gso_type 0x%x (TCPv6) on an IPv4 packet",
                          (unsigned int)h->gso_type);
             return NULL;
         }
-        pl.iph_len = (ip[0] & 0x0F) * 4;
+        pl.iph_len = (ip[IP4_VER_IHL] & 0x0F) * 4;
         if (pl.iph_len < IP4_MIN_HDR_LEN) {
             PyErr_Format(st->malformed, "IPv4 header length %zd is below %d", pl.iph_len,
                          IP4_MIN_HDR_LEN);
             return NULL;
         }
-        if (ip[9] != proto) {
+        if (ip[IP4_PROTOCOL] != proto) {
             PyErr_Format(st->malformed, "IPv4 protocol %d in a GSO packet of protocol %d",
-                         (int)ip[9], proto);
+                         (int)ip[IP4_PROTOCOL], proto);
             return NULL;
         }
-        addrs_at = 12;
-        addrs_len = 8;
+        addrs_at = IP4_SRC;
+        addrs_len = IP4_ADDRS_LEN;
         pl.is_v4 = 1;
     }
     else if (version == 6) {
-        if (gso_type == GSO_TCPV4) {
+        if (gso_type == VIRTIO_NET_HDR_GSO_TCPV4) {
             PyErr_Format(st->malformed, "gso_type 0x%x (TCPv4) on an IPv6 packet",
                          (unsigned int)h->gso_type);
             return NULL;
@@ -258,22 +258,22 @@ split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *
                          "IPv6 super-packet of %zd bytes is shorter than its header", ip_len);
             return NULL;
         }
-        if (ip[6] != proto) {
+        if (ip[IP6_NEXT_HEADER] != proto) {
             PyErr_Format(st->malformed, "IPv6 next header %d in a GSO packet of protocol %d",
-                         (int)ip[6], proto);
+                         (int)ip[IP6_NEXT_HEADER], proto);
             return NULL;
         }
         pl.iph_len = IP6_HDR_LEN;
-        addrs_at = 8;
-        addrs_len = 32;
+        addrs_at = IP6_SRC;
+        addrs_len = IP6_ADDRS_LEN;
         pl.is_v4 = 0;
     }
     else {
         PyErr_Format(st->malformed, "IP version %d in a GSO packet", version);
         return NULL;
     }
-    if (h->flags & F_NEEDS_CSUM) {
-        int csum_field = pl.is_tcp ? 16 : 6;
+    if (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+        int csum_field = pl.is_tcp ? TCP_CHECKSUM : UDP_CHECKSUM;
         if (h->csum_start != pl.iph_len || h->csum_offset != csum_field) {
             PyErr_Format(st->malformed,
                          "csum_start %d/csum_offset %d do not match the IP header length %zd "
@@ -289,17 +289,17 @@ split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *
                          "super-packet of %zd bytes is shorter than its TCP header", ip_len);
             return NULL;
         }
-        l4_hdr_len = (ip[pl.iph_len + 12] >> 4) * 4;
+        l4_hdr_len = (ip[pl.iph_len + TCP_DATA_OFFSET] >> 4) * 4;
         if (l4_hdr_len < TCP_MIN_HDR_LEN) {
             PyErr_Format(st->malformed, "TCP data offset %zd is below %d", l4_hdr_len,
                          TCP_MIN_HDR_LEN);
             return NULL;
         }
-        pl.csum_at = pl.iph_len + 16;
+        pl.csum_at = pl.iph_len + TCP_CHECKSUM;
     }
     else {
         l4_hdr_len = UDP_HDR_LEN;
-        pl.csum_at = pl.iph_len + 6;
+        pl.csum_at = pl.iph_len + UDP_CHECKSUM;
     }
     pl.hdr_len = pl.iph_len + l4_hdr_len;
     if (ip_len < pl.hdr_len) {
@@ -378,15 +378,15 @@ split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *
     pl.first_seq = 0;
     pl.flags = pl.middle_flags = 0;
     if (pl.is_v4) {
-        pl.first_id = get16(pl.template + 4);
-        put16(pl.template + 2, 0);
-        put16(pl.template + 4, 0);
-        put16(pl.template + 10, 0);
+        pl.first_id = get16(pl.template + IP4_ID);
+        put16(pl.template + IP4_TOTAL_LEN, 0);
+        put16(pl.template + IP4_ID, 0);
+        put16(pl.template + IP4_CHECKSUM, 0);
         pl.ip_base_sum = ones_sum_raw(pl.template, (size_t)pl.iph_len, 0);
     }
     if (pl.is_tcp) {
-        pl.first_seq = get32(pl.template + pl.iph_len + 4);
-        pl.flags = pl.template[pl.iph_len + 13];
+        pl.first_seq = get32(pl.template + pl.iph_len + TCP_SEQ);
+        pl.flags = pl.template[pl.iph_len + TCP_FLAGS];
         pl.middle_flags = pl.flags & (uint8_t) ~(TCP_LAST_ONLY | TCP_FIRST_ONLY);
     }
     if (ip_len >= GIL_RELEASE_BYTES) {
@@ -438,18 +438,20 @@ py_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         PyErr_Format(st->malformed, "short virtio header: %zd bytes", pkt.len);
         goto done;
     }
-    vnet_t h = {p[0], p[1], host16(p + 2), host16(p + 4), host16(p + 6), host16(p + 8)};
+    vnet_t h = {p[VNET_FLAGS],           p[VNET_GSO_TYPE],
+                host16(p + VNET_HDR_LEN_FIELD), host16(p + VNET_GSO_SIZE),
+                host16(p + VNET_CSUM_START),    host16(p + VNET_CSUM_OFFSET)};
     const uint8_t *ip = p + VNET_HDR_LEN;
     Py_ssize_t ip_len = pkt.len - VNET_HDR_LEN;
-    int gso_type = h.gso_type & ~GSO_ECN;
-    if (gso_type == GSO_NONE) {
+    int gso_type = h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN;
+    if (gso_type == VIRTIO_NET_HDR_GSO_NONE) {
         result = copy_through(st, &h, ip, ip_len, a[1], a[2], offset);
     }
-    else if (gso_type == GSO_TCPV4 || gso_type == GSO_TCPV6) {
-        result = split_gso(st, &h, gso_type, IPPROTO_TCP_, ip, ip_len, a[1], a[2], offset);
+    else if (gso_type == VIRTIO_NET_HDR_GSO_TCPV4 || gso_type == VIRTIO_NET_HDR_GSO_TCPV6) {
+        result = split_gso(st, &h, gso_type, IPPROTO_TCP, ip, ip_len, a[1], a[2], offset);
     }
-    else if (gso_type == GSO_UDP_L4) {
-        result = split_gso(st, &h, gso_type, IPPROTO_UDP_, ip, ip_len, a[1], a[2], offset);
+    else if (gso_type == VIRTIO_NET_HDR_GSO_UDP_L4) {
+        result = split_gso(st, &h, gso_type, IPPROTO_UDP, ip, ip_len, a[1], a[2], offset);
     }
     else {
         PyErr_Format(st->malformed, "unsupported virtio gso_type 0x%x",

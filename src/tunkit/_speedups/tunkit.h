@@ -32,6 +32,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <netinet/in.h> /* IPPROTO_TCP, IPPROTO_UDP */
 #include <stdint.h>
 #include <string.h>
 
@@ -44,35 +45,105 @@
  * interval. */
 #define GIL_RELEASE_BYTES 8192
 
-/* <linux/virtio_net.h> */
-#define VNET_HDR_LEN 10
-#define F_NEEDS_CSUM 1
-#define GSO_NONE 0
-#define GSO_TCPV4 1
-#define GSO_TCPV6 4
-#define GSO_UDP_L4 5
-#define GSO_ECN 0x80
+/* Named as in tunkit/_offload/headers.py and vnet.py, which give the why of
+ * each; offsets are relative to the start of their own header. Multi-byte
+ * fields are big-endian on the wire (get16/put16), except the virtio-net
+ * header's, which are in host order (host16/put_host16). */
 
-#define IPPROTO_TCP_ 6
-#define IPPROTO_UDP_ 17
+/* --- struct virtio_net_hdr, <linux/virtio_net.h> (vnet.py: VNET_HDR) ------ */
+/* In host byte order on TUN (the legacy layout; TUNSETVNETLE is not used). */
+#define VNET_FLAGS 0         /* u8: VIRTIO_NET_HDR_F_* */
+#define VNET_GSO_TYPE 1      /* u8: VIRTIO_NET_HDR_GSO_* */
+#define VNET_HDR_LEN_FIELD 2 /* u16 hdr_len (VNET_HDR_LEN is the header's own length) */
+#define VNET_GSO_SIZE 4      /* u16 */
+#define VNET_CSUM_START 6    /* u16 */
+#define VNET_CSUM_OFFSET 8   /* u16 */
+#define VNET_HDR_LEN 10
+/* Values of virtio_net_hdr.flags, <linux/virtio_net.h>. */
+#define VIRTIO_NET_HDR_F_NEEDS_CSUM 1 /* use csum_start, csum_offset (CHECKSUM_PARTIAL) */
+/* Values of virtio_net_hdr.gso_type, <linux/virtio_net.h>. */
+#define VIRTIO_NET_HDR_GSO_NONE 0   /* not a GSO frame */
+#define VIRTIO_NET_HDR_GSO_TCPV4 1  /* GSO frame, IPv4 TCP (TSO) */
+#define VIRTIO_NET_HDR_GSO_TCPV6 4  /* GSO frame, IPv6 TCP */
+#define VIRTIO_NET_HDR_GSO_UDP_L4 5 /* GSO frame, IPv4 or IPv6 UDP segmentation (USO) */
+#define VIRTIO_NET_HDR_GSO_ECN 0x80 /* bit or-ed into gso_type: the TCP stream uses ECN */
+
+/* IP protocol numbers, IPPROTO_TCP and IPPROTO_UDP (IANA): <netinet/in.h>. */
+
+/* Longest IP packet that GRO builds or a segment may have: the 16-bit total
+ * length of IPv4 (the kernel's GRO_LEGACY_MAX_SIZE bounds IPv6 the same way). */
 #define IP_MAX_PACKET_LEN 0xFFFF
+
+/* A 16-bit checksum field, as csum_start + csum_offset points at one. */
+#define CSUM_FIELD_LEN 2
+
+/* --- IPv4 header, RFC 791 section 3.1 ------------------------------------- */
+#define IP4_VER_IHL 0 /* version (high nibble), header length in 32-bit words */
+#define IP4_TOS 1     /* type of service / DSCP + ECN (RFC 2474, RFC 3168) */
+#define IP4_TOTAL_LEN 2
+#define IP4_ID 4
+#define IP4_FLAGS_FRAG 6 /* flags (3 bits) + fragment offset (13 bits) */
+#define IP4_TTL 8
+#define IP4_PROTOCOL 9
+#define IP4_CHECKSUM 10
+#define IP4_SRC 12
+#define IP4_DST 16
+#define IP4_ADDRS_LEN 8 /* IP4_SRC and IP4_DST, adjacent: what the pseudo-header sums */
 #define IP4_MIN_HDR_LEN 20
+#define IP4_MAX_HDR_LEN 60
+#define IP4_FLAG_DF 0x4000 /* in the 16-bit flags/fragment field */
+#define IP4_FLAG_MF 0x2000
+#define IP4_FRAG_OFFSET_MASK 0x1FFF
+
+/* --- IPv6 header, RFC 8200 section 3 -------------------------------------- */
+#define IP6_VER_TC_FLOW 0 /* version (4 bits), traffic class (8), flow label (20) */
+#define IP6_PAYLOAD_LEN 4
+#define IP6_NEXT_HEADER 6
+#define IP6_HOP_LIMIT 7
+#define IP6_SRC 8
+#define IP6_DST 24
+#define IP6_ADDRS_LEN 32 /* IP6_SRC and IP6_DST, adjacent: what the pseudo-header sums */
 #define IP6_HDR_LEN 40
-#define TCP_MIN_HDR_LEN 20
+
+/* --- TCP header, RFC 9293 section 3.1 ------------------------------------- */
+#define TCP_SRC_PORT 0
+#define TCP_DST_PORT 2
+#define TCP_SEQ 4
+#define TCP_ACK 8
+#define TCP_DATA_OFFSET 12 /* data offset in 32-bit words (high nibble) */
+#define TCP_FLAGS 13
+#define TCP_WINDOW 14
+#define TCP_CHECKSUM 16
+#define TCP_URGENT 18
+#define TCP_MIN_HDR_LEN 20 /* options, if any, follow */
+#define TCP_MAX_HDR_LEN 60
+/* Flag bits of the TCP_FLAGS byte (RFC 9293 section 3.1; CWR/ECE: RFC 3168). */
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_PSH 0x08
+#define TCP_FLAG_ACK 0x10
+#define TCP_FLAG_URG 0x20
+#define TCP_FLAG_ECE 0x40
+#define TCP_FLAG_CWR 0x80
+/* split.py, coalesce.py (_TCP_LAST_ONLY, _TCP_FIRST_ONLY): the flags that
+ * tcp_gso_segment keeps on the last segment only, and on the first only. */
+#define TCP_LAST_ONLY (TCP_FLAG_FIN | TCP_FLAG_PSH)
+#define TCP_FIRST_ONLY TCP_FLAG_CWR
+
+/* --- UDP header, RFC 768 -------------------------------------------------- */
+#define UDP_SRC_PORT 0
+#define UDP_DST_PORT 2
+#define UDP_LEN 4
+#define UDP_CHECKSUM 6
 #define UDP_HDR_LEN 8
 
-#define TCP_FIN 0x01
-#define TCP_SYN 0x02
-#define TCP_RST 0x04
-#define TCP_PSH 0x08
-#define TCP_URG 0x20
-#define TCP_CWR 0x80
-#define TCP_LAST_ONLY (TCP_FIN | TCP_PSH)
-#define TCP_FIRST_ONLY TCP_CWR
-#define TCP_NEVER (TCP_SYN | TCP_RST | TCP_URG)
+/* TCP and UDP alike: the source and destination ports lead the header
+ * (TCP_SRC_PORT, TCP_DST_PORT; UDP_SRC_PORT, UDP_DST_PORT), a flow's key. */
+#define L4_PORTS_LEN 4
 
-#define IP4_FLAG_DF 0x4000
-#define IP4_FRAGMENT 0x3FFF /* MF | fragment offset */
+/* coalesce.Write, a NamedTuple: iov, packets, first, gso, prefix. */
+#define WRITE_FIELDS 5
 
 /* ------------------------------------------------------------------------ */
 /* Byte helpers: big-endian (network order) and host-order 16/32-bit fields  */
