@@ -174,7 +174,8 @@ static PyModuleDef_Slot slots[] = {
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT,
     "tunkit._speedups",
-    "Native kernels of tunkit: checksum, split, coalesce; PacketIo for devices without offload.",
+    "Native kernels of tunkit: checksum, split, coalesce; PacketIo, the system calls of a TUN "
+    "device.",
     sizeof(state_t),
     methods,
     slots,

@@ -28,23 +28,26 @@
 #define SPLIT_FIRST 1
 
 /*
- * A device without offload costs a system call per packet, so what Python
- * runs around that call decides its speed (device.py, NativeTun.read and
- * write); with offload, read_gso/write_gso move a batch of super-packets with
- * a system call each. A PacketIo does one packet, or one batch, in one call
- * that releases the GIL once: the system call, and on EAGAIN a poll() on the descriptor and
- * on the wake-up eventfd that close() makes readable; it keeps the counters
- * too. The calls return the byte count, or -errno, so that a refusal the
- * caller drops and counts costs no exception; -EBADF once closing has begun.
+ * A device makes a system call per packet, without offload (NativeTun.read
+ * and write), or per super-packet, with it (GsoNativeTun.read_gso and
+ * write_gso), so what Python runs around that call decides its speed. A
+ * PacketIo call does one packet (read, write) or one batch of packets with
+ * their virtio-net headers (read_gso, write_gso) and releases the GIL once
+ * for all of it: the system calls, on EAGAIN a poll() on the descriptor and
+ * on the wake-up eventfd that close() makes readable, the check of each
+ * packet of a batch (gso_check) and the counters. Errors come back as
+ * -errno, in place of the byte count (read, write) or beside the count of
+ * packets done (read_gso, write_gso), so that a refusal the caller drops and
+ * counts costs no exception; -EBADF once closing has begun.
  *
- * Python's per-direction locks are what keep a descriptor number from being
- * closed under a system call elsewhere in device.py; here a count of calls in
- * progress does it, at the cost of two atomic operations: a call counts
- * itself in, then looks at `closing`; drain() sets `closing`, then waits for
- * the count to reach zero (both sequentially consistent, so one of the two
- * sees the other). After drain() no call touches the numbers again, and the
- * owner may close them. The count is never held while Python code runs (a
- * signal handler may call close()).
+ * On the Python path, the per-direction locks of _Descriptor (_linux/fd.py)
+ * are what keep a descriptor number from being closed under a system call;
+ * here a count of calls in progress does it, at the cost of two atomic
+ * operations: a call counts itself in, then looks at `closing`; drain() sets
+ * `closing`, then waits for the count to reach zero (both sequentially
+ * consistent, so one of the two sees the other). After drain() no call
+ * touches the numbers again, and the owner may close them. The count is
+ * never held while Python code runs (a signal handler may call close()).
  */
 
 typedef struct {
@@ -716,9 +719,10 @@ static PyMethodDef pio_methods[] = {
 
 PyDoc_STRVAR(pio_doc,
 "PacketIo(fd, wake)\n--\n\n"
-"One packet per call to or from a non-blocking TUN descriptor *fd*, with\n"
-"the counters; *wake* is the eventfd that ends waits. Holds the numbers,\n"
-"never closes them: the owner does, after drain().");
+"The system calls of a non-blocking TUN descriptor *fd*: one packet per\n"
+"call (read, write) or a batch of packets with their virtio-net headers\n"
+"(read_gso, write_gso), and the counters; *wake* is the eventfd that ends\n"
+"waits. Holds the numbers, never closes them: the owner does, after drain().");
 
 PyTypeObject packet_io_type = {
     PyVarObject_HEAD_INIT(NULL, 0)

@@ -220,7 +220,6 @@ update16_raw(uint32_t csum, uint32_t old, uint64_t new_)
     return ~fold64((uint64_t)(~csum & 0xFFFF) + (~old & 0xFFFF) + new_) & 0xFFFF;
 }
 
-
 /* ------------------------------------------------------------------------ */
 /* Module state: the Python classes the kernels raise and build (bind())     */
 
