@@ -35,12 +35,15 @@ from ._tunio import TunIO
 
 if TYPE_CHECKING:
     from ._linux.device import NativeTun, TunStats, create_tun, open_tun
+    from .transport.stream import StreamTun
 
 __version__ = "0.1.0"
 
 # The Linux device needs pyroute2; it is imported on first use, so the
 # in-memory core imports nothing beyond the standard library.
 _LINUX_NAMES = frozenset({"NativeTun", "TunStats", "create_tun", "open_tun"})
+# The transports sit on the Linux layer (sockets, the descriptor that close() wakes).
+_TRANSPORT_NAMES = frozenset({"StreamTun"})
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +51,12 @@ def __getattr__(name: str) -> Any:
         from ._linux import device
 
         value = getattr(device, name)
+        globals()[name] = value
+        return value
+    if name in _TRANSPORT_NAMES:
+        from . import transport
+
+        value = getattr(transport, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tunkit' has no attribute {name!r}")
@@ -71,6 +80,7 @@ __all__ = [
     "ReadOnClosedChannelError",
     "ReadOnClosedPipeError",
     "RetryableError",
+    "StreamTun",
     "TooManySegmentsError",
     "Tun",
     "TunError",
