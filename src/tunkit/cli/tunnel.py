@@ -34,7 +34,7 @@ from rich.console import Console
 from .._copy import copy
 from .._errors import TunError
 from .._linux.device import NativeTun, TunStats, create_tun, open_tun
-from .._linux.netns import inside
+from .._linux.netns import inside, open_netns
 from ..transport.stream import MAX_FRAME, StreamTun
 from .preflight import UsageError, positive, positive_float, require
 
@@ -170,6 +170,14 @@ def _check_addresses(items: list[str]) -> None:
                 f"--address {cidr!r} is not an address with a prefix length, "
                 "like 10.7.0.1/24 or fd00:7::1/64"
             ) from None
+
+
+def _check_netns(name: str) -> None:
+    try:
+        os.close(open_netns(name))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--netns {name}: {exc.args[-1] if exc.args else exc} "
+                         f"(make it with 'ip netns add {name}')") from None
 
 
 def _tls_context(args: argparse.Namespace, server: bool) -> ssl.SSLContext:
@@ -398,6 +406,17 @@ class _Listener:
         self.sock.close()
 
 
+class _Refused(ConnectionResetError):
+    """The TLS peer hung up on this end right after the handshake: it refused our certificate."""
+
+
+def _refused(endpoint: Endpoint, why: str) -> str:
+    return (
+        f"--connect {endpoint}: the peer refused this end ({why}): is --cert signed by "
+        "the authority the peer trusts, and --key its key?"
+    )
+
+
 class _Connector:
     """The --connect end: a stream to the peer, again after each loss, with backoff."""
 
@@ -423,7 +442,16 @@ class _Connector:
             _tune(sock)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.endpoint.host)
-            return StreamTun(sock, mtu=mtu)
+            try:
+                return StreamTun(sock, mtu=mtu)
+            except ValueError:  # no longer connected: the peer hung up at once
+                if self._tls is None:
+                    raise ConnectionResetError(
+                        errno.ECONNRESET, "the peer closed the connection at once"
+                    ) from None
+                # TLS 1.3: a server that refuses our certificate does so
+                # after our side of the handshake is done.
+                raise _Refused("it closed the connection after the TLS handshake") from None
         except BaseException:
             sock.close()
             raise
@@ -454,6 +482,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     endpoint = parse_endpoint(*(("--listen", args.listen) if listen else
                                 ("--connect", args.connect)))
     _check_addresses(args.address)
+    if args.netns is not None:
+        _check_netns(args.netns)
     tls = _tls_context(args, server=listen) if args.transport == "tls" else None
     if tls is None and (args.cert or args.key or args.ca):
         raise UsageError("--cert, --key and --ca are for --transport tls")
@@ -492,6 +522,8 @@ def _serve(role: _Listener | _Connector, device: NativeTun, args: argparse.Names
     if isinstance(role, _Connector):
         try:
             stream = role.connect(mtu)
+        except _Refused as exc:
+            raise UsageError(_refused(role.endpoint, str(exc))) from None
         except OSError as exc:  # a person's to fix: the address, the peer, the certificates
             raise UsageError(f"--connect {role.endpoint}: {_reason(exc)}") from None
     session: _Session | None = None
@@ -521,7 +553,7 @@ def _serve(role: _Listener | _Connector, device: NativeTun, args: argparse.Names
                         _say(console, f"replacing {session.stream.name()}")
                         session.end()
             first = totals.sessions == 1 and isinstance(role, _Connector)
-            _ended(session, totals, console, first)
+            _ended(session, totals, console, role.endpoint if first else None)
             session = None
     finally:
         if stream is not None:
@@ -531,16 +563,21 @@ def _serve(role: _Listener | _Connector, device: NativeTun, args: argparse.Names
             totals.add(session.stream.stats(), session.device.stats())
 
 
-def _ended(session: _Session, totals: _Totals, console: Console, first: bool) -> None:
-    """Account for a finished session and say why it ended."""
+def _ended(session: _Session, totals: _Totals, console: Console,
+           endpoint: Endpoint | None) -> None:
+    """Account for a finished session and say why it ended.
+
+    *endpoint* is given for the first connection of a --connect end: a TLS
+    refusal there is this end's to fix (UsageError).
+    """
     session.end()
     stats = session.stream.stats()
     totals.add(stats, session.device.stats())
     error = session.error
-    if first and isinstance(error, ssl.SSLError) and not stats.packets_read:
+    if endpoint is not None and isinstance(error, ssl.SSLError) and not stats.packets_read:
         # TLS 1.3: a server that refuses our certificate says so after the
         # handshake, in the first read. At start, that is the person's to fix.
-        raise UsageError(f"--connect: the peer refused this end: {_reason(error)}")
+        raise UsageError(_refused(endpoint, _reason(error)))
     if error is None:
         why = "the peer closed the connection"
     elif isinstance(error, TunError | OSError):
