@@ -253,12 +253,18 @@ class QueueWorkers:
         return subprocess.Popen(argv, pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL)
 
     def kill(self, worker: Worker) -> None:
-        """Kill *worker* (SIGKILL, by its pid) and reap it: its queues go with it."""
+        """Kill *worker* (SIGKILL, by its pid) and reap it: its queues go with it.
+
+        Of a device that is not multi-queue, the parent's own descriptor stays
+        (packets wait in it): :meth:`add` then starts the replacement.
+        """
         self._workers.remove(worker)
         worker.control.close()
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGKILL)
         worker.process.wait()
+        if not self._multi_queue:
+            self._handed_over = False
 
     def stats(self) -> list[QueueReport]:
         """Each running worker's report on its two queues, oldest worker first."""
