@@ -23,18 +23,17 @@ CPU shares say how the figures would scale with more cores. Needs root,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tunkit._linux.device import NativeTun, create_tun
-from tunkit._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
+from tunkit._linux.netns import remove_stale_netns
+from tunkit.cli.pair_load import _pair  # two fresh namespaces, lo up, deleted after
 from tunkit.workers import QueueWorkers, cpu_seconds
 
 SETUPS = ("tunkit", "tunkit-split", "tunkit-mq", "tunkit-split-mq")
@@ -57,22 +56,6 @@ class Result:
     cpu: dict[str, float] = field(default_factory=dict)  # process -> share of one core
     queue_packets: list[int] = field(default_factory=list)  # per worker
     error: str = ""
-
-
-@contextlib.contextmanager
-def _namespaces(tag: str) -> Iterator[tuple[str, str]]:
-    names = [unique_netns_name(f"mq-{tag}-{side}") for side in "ab"]
-    made = []
-    try:
-        for name in names:
-            create_netns(name)
-            made.append(name)
-            subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield names[0], names[1]
-    finally:
-        for name in made:
-            with contextlib.suppress(FileNotFoundError):
-                delete_netns(name)
 
 
 def _device(ns: str, addr: str, multi_queue: bool) -> NativeTun:
@@ -137,7 +120,7 @@ def _iperf(ns_a: str, ns_b: str, seconds: float, streams: int,
 def run_setup(name: str, seconds: float, streams: int, queues: int) -> Result:
     multi_queue = name.endswith("-mq")
     result = Result(name, streams=streams, seconds=seconds, queues=queues if multi_queue else 1)
-    with _namespaces(name) as (ns_a, ns_b):
+    with _pair(f"mq-{name}") as (ns_a, ns_b):
         a = _device(ns_a, A_ADDR, multi_queue)
         b = None
         try:

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from .._linux import netlink
-from .._linux.device import create_tun
+from .._linux.device import check_name, create_tun
 from .._linux.ioctl import TUN_PATH, dev_tun_mode, dev_tun_open_to, set_persist
 from .._linux.owners import describe_gid, describe_uid, resolve_group, resolve_user
 from .._linux.persist import delete_tun
@@ -70,20 +70,21 @@ def _need_root(what: str, netns: str | None) -> None:
         raise UsageError(f"{what} needs root ({' and '.join(missing)} missing)")
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """Add subcommand *name* with the arguments both commands take: NAME and --netns."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("name", metavar="NAME", help="the device's name (at most 15 bytes)")
     parser.add_argument("--netns", metavar="NS",
                         help="the network namespace (as ip netns names it)")
+    return parser
 
 
 def _add_create(sub: Any) -> None:
-    parser = sub.add_parser(
-        "create",
-        help="create a persistent TUN device for a user without privilege",
-        description=CREATE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_common(parser)
+    parser = _add(sub, "create", "create a persistent TUN device for a user without privilege",
+                  CREATE_HELP)
     parser.add_argument("--owner", metavar="USER", help="the user who may attach (name or uid)")
     parser.add_argument("--group", metavar="GROUP", help="the group whose members may attach")
     parser.add_argument("--multi-queue", action="store_true", help="one queue per attach")
@@ -93,16 +94,6 @@ def _add_create(sub: Any) -> None:
     parser.add_argument("--up", action="store_true", help="set the device up")
     parser.add_argument("--no-offload", action="store_true",
                         help="no virtio-net header: attachers get no kernel offloads")
-
-
-def _add_delete(sub: Any) -> None:
-    parser = sub.add_parser(
-        "delete",
-        help="delete a persistent TUN device",
-        description=DELETE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_common(parser)
 
 
 def _message(exc: Exception) -> str:
@@ -118,6 +109,7 @@ def _where(netns: str | None) -> str:
 
 def _run_create(args: argparse.Namespace, console: Console) -> int:
     try:
+        check_name(args.name)
         uid = None if args.owner is None else resolve_user(args.owner)
         gid = None if args.group is None else resolve_group(args.group)
         addresses = [ipaddress.ip_interface(a) for a in args.address]
@@ -180,7 +172,7 @@ def add_parser(sub: Any) -> None:
     """Add ``create`` and ``delete`` to the subcommands *sub*, once (both names lead here)."""
     if "create" not in sub.choices:
         _add_create(sub)
-        _add_delete(sub)
+        _add(sub, "delete", "delete a persistent TUN device", DELETE_HELP)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
