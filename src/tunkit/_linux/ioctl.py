@@ -181,7 +181,10 @@ def set_iff(fd: int, name: str, flags: int) -> str:
             ) from None
         if exc.errno == errno.EINVAL and name and name_exists(name):
             raise FileExistsError(
-                exc.errno, f"device name {name!r} is in use by a device that is not TUN"
+                exc.errno,
+                f"device name {name!r} is in use by a device that is not TUN "
+                "(or a TUN device that is multi-queue where this asks for one that is not, "
+                "or the other way round)",
             ) from None
         raise OSError(exc.errno, f"TUNSETIFF {shown}: {os.strerror(exc.errno or 0)}") from exc
     raw_name, _flags = IFREQ.unpack(result)

@@ -108,6 +108,8 @@ def _where(netns: str | None) -> str:
 
 
 def _run_create(args: argparse.Namespace, console: Console) -> int:
+    if not args.name:
+        raise UsageError("NAME must not be empty: a persistent device needs a name to attach to")
     try:
         check_name(args.name)
         uid = None if args.owner is None else resolve_user(args.owner)
