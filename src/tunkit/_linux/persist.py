@@ -17,11 +17,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 from typing import Final
 
 from . import netlink
 from .constants import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TUNSETIFF
-from .device import NativeTun, _make, _netns_fd, check_name, set_offloads
+from .device import BATCH_OFFLOAD, NativeTun, _make, _netns_fd, check_name, set_offloads
 from .ioctl import IFREQ, get_iff, open_dev_tun
 from .netns import inside as netns_inside
 from .owners import describe_gid, describe_uid, process_credentials
@@ -92,6 +93,13 @@ def attach_in(name: str, ns_fd: int | None, offload: bool | None, where: str = "
                     raise _refused(name, info, exc.errno) from None
                 raise
             real_name, real_flags = get_iff(fd)
+            if socket.if_nametoindex(real_name) != info.ifindex:
+                # Deleted between the look-up and TUNSETIFF, which then made (as
+                # root) a new device of that name: not the device asked for. It
+                # goes with this descriptor.
+                raise FileNotFoundError(
+                    errno.ENOENT, f"TUN device {name!r}{where} was deleted while attaching", name
+                )
             # The queues of a multi-queue device share its flags: a queue added
             # to one whose first queue has the virtio header has it too,
             # whatever it asked. Honour the header as it is, never pretend.
@@ -106,19 +114,11 @@ def attach_in(name: str, ns_fd: int | None, offload: bool | None, where: str = "
             offload_flags = set_offloads(fd, has_vnet)
             # Unprivileged callers cannot cap the super-packets (EPERM, ignored);
             # a device made by create_tun has the cap already.
-            cap = has_vnet and info.gso_max_segs > 128
-            tun = _make(fd, real_name, has_vnet, offload_flags, ns_fd, None, cap_segs=cap)
+            cap = has_vnet and info.gso_max_segs > BATCH_OFFLOAD
+            return _make(fd, real_name, has_vnet, offload_flags, ns_fd, None, cap_segs=cap)
         except BaseException:
             os.close(fd)
             raise
-    if tun.index() != info.ifindex:
-        # Deleted between the look-up and TUNSETIFF, which then made (as
-        # root) a new device of that name: not the device asked for.
-        tun.close()
-        raise FileNotFoundError(
-            errno.ENOENT, f"TUN device {name!r} was deleted while attaching", name
-        )
-    return tun
 
 
 def attach_tun(name: str, *, netns: str | None = None, offload: bool | None = None) -> NativeTun:
