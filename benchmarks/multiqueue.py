@@ -14,8 +14,10 @@ One run measures, between two fresh namespaces each time, iperf3 -P STREAMS thro
 
 Each figure comes with the CPU each process used over the run, as a share
 of one core (``/proc/PID/stat``: user + system time): the workers and the
-two iperf3 processes. The machine's cores are shared by all of them, so the
-CPU shares say how the figures would scale with more cores. Needs root,
+two iperf3 processes, and "per core", the Gbit/s per core the workers used.
+The machine's cores are shared by all of them (and by whatever else runs),
+so a figure says what the workers got; "per core" staying the same from one
+worker to N says the figure grows with the cores there are. Needs root,
 /dev/net/tun, iproute2 and iperf3. The same code serves ``tunkit bench``:
 ``tunkit.workers.QueueWorkers``.
 """
@@ -56,6 +58,11 @@ class Result:
     cpu: dict[str, float] = field(default_factory=dict)  # process -> share of one core
     queue_packets: list[int] = field(default_factory=list)  # per worker
     error: str = ""
+
+    def per_core(self) -> float:
+        """Gbit/s per core the workers used: equal across setups means linear scaling."""
+        used = sum(v for k, v in self.cpu.items() if k.startswith("worker"))
+        return self.gbit_s / used if used else 0.0
 
 
 def _device(ns: str, addr: str, multi_queue: bool) -> NativeTun:
@@ -138,16 +145,16 @@ def run_setup(name: str, seconds: float, streams: int, queues: int) -> Result:
 
 def _table(results: list[Result]) -> str:
     by_name = {r.name: r for r in results}
-    lines = [f"{'setup':<16} {'queues':>6} {'Gbit/s':>7} {'retrans':>8}  CPU per process "
-             "(share of one core)  packets per worker"]
+    lines = [f"{'setup':<16} {'queues':>6} {'Gbit/s':>7} {'per core':>8} {'retrans':>8}  "
+             "CPU per process (share of one core)  packets per worker"]
     for r in results:
         if r.error:
-            lines.append(f"{r.name:<16} {r.queues:>6} {'-':>7} {'-':>8}  error: {r.error}")
+            lines.append(f"{r.name:<16} {r.queues:>6} {'-':>7} {'-':>8} {'-':>8}  error: {r.error}")
             continue
         cpu = ", ".join(f"{k} {v:.0%}" for k, v in r.cpu.items())
         packets = " / ".join(f"{p:,}" for p in r.queue_packets)
-        lines.append(f"{r.name:<16} {r.queues:>6} {r.gbit_s:>7.2f} {r.retransmits:>8}  {cpu}"
-                     f"  [{packets}]")
+        lines.append(f"{r.name:<16} {r.queues:>6} {r.gbit_s:>7.2f} {r.per_core():>8.2f} "
+                     f"{r.retransmits:>8}  {cpu}  [{packets}]")
     lines.append("")
     for setup, base, goal in GOALS:
         if setup in by_name and base in by_name and by_name[base].gbit_s:
