@@ -15,12 +15,12 @@ from types import FrameType
 
 from rich.console import Console
 
-from . import bench, bridge, demo
+from . import bench, bridge, create, demo
 from .preflight import UsageError
 
 __all__ = ["UsageError", "main"]
 
-_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge}
+_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge, "create": create, "delete": create}
 
 
 def _parser() -> argparse.ArgumentParser:
