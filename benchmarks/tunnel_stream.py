@@ -1,4 +1,4 @@
-"""Tunnel-load over streams: iperf3 across `tunkit tunnel` (tcp, tls) beside naive-udp and the underlay.
+"""Tunnel-load over streams: iperf3 across `tunkit tunnel` (tcp, tls), naive-udp and the underlay.
 
     sudo python benchmarks/tunnel_stream.py [--seconds 5] [--repeat 2] [--mtu 1500 --mtu 9000]
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from tls_util import make_pki  # noqa: E402  (tests/tls_util.py: the throwaway CA)
+from tls_util import make_pki  # tests/tls_util.py: the throwaway CA
 
-from tunkit._linux.netns import create_netns, delete_netns, unique_netns_name  # noqa: E402
+from tunkit._linux.netns import create_netns, delete_netns, unique_netns_name
 
 UNDER_A, UNDER_B = "192.168.231.1", "192.168.231.2"
 OVER_A, OVER_B = "10.231.0.1", "10.231.0.2"
@@ -48,15 +47,15 @@ IPERF_PORT = 5201
 NAIVE_MTU = 1400
 
 # One side of the naive tunnel: what a Python user writes first. argv: device
-# name, its address/prefix, local UDP (host, port), peer UDP (host, port).
+# name, its address/prefix, local UDP (host, port), peer UDP (host, port), MTU.
 NAIVE = """
     import fcntl, os, socket, struct, subprocess, sys, threading
-    name, cidr, lhost, lport, phost, pport = sys.argv[1:]
+    name, cidr, lhost, lport, phost, pport = sys.argv[1:7]
     TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
     fd = os.open("/dev/net/tun", os.O_RDWR)
     fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
     subprocess.run(["ip", "addr", "add", cidr, "dev", name], check=True)
-    subprocess.run(["ip", "link", "set", name, "mtu", "%d", "up"], check=True)
+    subprocess.run(["ip", "link", "set", name, "mtu", sys.argv[7], "up"], check=True)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((lhost, int(lport)))
     peer = (phost, int(pport))
@@ -76,7 +75,7 @@ NAIVE = """
     threading.Thread(target=out, daemon=True).start()
     print("connected:", flush=True)
     back()
-""" % NAIVE_MTU
+"""
 
 
 def ip(*args: str) -> None:
@@ -186,7 +185,7 @@ def naive_procs(ns_a: str, ns_b: str) -> list[subprocess.Popen[str]]:
 
     def side(ns: str, cidr: str, local: str, peer: str) -> subprocess.Popen[str]:
         return start(["ip", "netns", "exec", ns, sys.executable, "-c", code, "naive0", cidr,
-                      local, str(TUNNEL_PORT), peer, str(TUNNEL_PORT)])
+                      local, str(TUNNEL_PORT), peer, str(TUNNEL_PORT), str(NAIVE_MTU)])
 
     return [side(ns_a, f"{OVER_A}/24", UNDER_A, UNDER_B),
             side(ns_b, f"{OVER_B}/24", UNDER_B, UNDER_A)]

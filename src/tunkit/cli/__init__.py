@@ -15,12 +15,13 @@ from types import FrameType
 
 from rich.console import Console
 
-from . import bench, bridge, demo, tunnel
+from . import bench, bridge, create, demo, tunnel
 from .preflight import UsageError
 
 __all__ = ["UsageError", "main"]
 
-_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge, "tunnel": tunnel}
+_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge, "create": create, "delete": create,
+             "tunnel": tunnel}
 
 
 def _parser() -> argparse.ArgumentParser:
