@@ -12,6 +12,7 @@ it while the other keeps running, and check the one-line errors.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -326,3 +327,35 @@ def test_help_explains_with_examples() -> None:
     assert result.returncode == 0
     assert "examples:" in result.stdout and "--connect" in result.stdout
     assert "--transport" in result.stdout
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.timeout(60)
+def test_the_readme_tunnel_end_talks_to_tunkit_tunnel(hosts: Hosts) -> None:
+    need_tool("ping")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    (block,) = [b for b in blocks if "StreamTun(conn)" in b]
+    example = subprocess.Popen(
+        ["ip", "netns", "exec", hosts.ns_a, sys.executable, "-c", block],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not ns_run(hosts.ns_a, "ss", "-Hltn", "sport = :5555").stdout.strip():
+            assert example.poll() is None and time.monotonic() < deadline, example.stderr
+            time.sleep(0.05)
+        peer = TunnelProc("--connect", f"{UNDER_A}:5555", "--netns", hosts.ns_b,
+                          "--address", "10.7.0.2/24")
+        hosts.procs.append(peer)
+        peer.wait_for("connected:")
+        ping(hosts.ns_b, "10.7.0.1")
+        assert peer.stop()[0] == 0  # its end closes: the example's copy ends normally
+        out, err = example.communicate(timeout=20)
+        assert example.returncode == 0, err
+        assert out.splitlines() == ["True True"]
+    finally:
+        if example.poll() is None:
+            example.kill()
+        example.communicate()
