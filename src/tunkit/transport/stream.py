@@ -193,7 +193,7 @@ class StreamTun:
         """
         rbuf, view, mtu = self._rbuf, self._rview, self._mtu
         count = len(bufs)
-        n = 0
+        n = nbytes = 0  # counted into self._* once, at the end: no attribute per packet
         start, end = self._start, self._end
         try:
             while True:
@@ -217,7 +217,7 @@ class StreamTun:
                     else:
                         dst[offset : offset + length] = view[start + FRAME_HDR_LEN : stop]  # type: ignore[index]
                         sizes[n] = length
-                        self._bytes_read += length
+                        nbytes += length
                         n += 1
                     start = stop
                 if n == count:
@@ -253,6 +253,7 @@ class StreamTun:
         finally:
             self._start, self._end = start, end
             self._packets_read += n
+            self._bytes_read += nbytes
         return n
 
     def _recv(self, space: memoryview) -> int:
@@ -331,10 +332,8 @@ class StreamTun:
             if self._fd.closed:
                 raise self._fd.closed_error("write")
             parts: list[ReadableBuffer] = []
-            mtu = self._mtu
-            too_big = 0
-            nbytes = 0
-            pack = _FRAME_HDR.pack
+            append, pack, mtu = parts.append, _FRAME_HDR.pack, self._mtu
+            too_big = nbytes = 0
             for buf in bufs:
                 view = buf if type(buf) is memoryview else memoryview(buf)
                 if view.itemsize != 1:
@@ -344,8 +343,8 @@ class StreamTun:
                 if length > mtu:
                     too_big += 1
                     continue
-                parts.append(pack(length))
-                parts.append(pkt)
+                append(pack(length))
+                append(pkt)
                 nbytes += length
             self._dropped_too_big_write += too_big
             if parts:
