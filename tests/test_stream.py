@@ -465,17 +465,23 @@ def test_close_from_another_thread_wakes_a_blocked_read_within_100ms() -> None:
         peer.close()
 
 
-def test_tls_handshake_left_to_the_first_calls(pki: Pki) -> None:
+def _tls_pair_not_handshaken(pki: Pki, *, stranger: bool = False) -> tuple[StreamTun, StreamTun]:
+    """StreamTuns on a server and a client SSLSocket whose handshake is left to their calls."""
     with socket.create_server(("127.0.0.1", 0)) as srv:
         raw_client = socket.create_connection(srv.getsockname())
         raw_server, _ = srv.accept()
     server = pki.server_context().wrap_socket(
         raw_server, server_side=True, do_handshake_on_connect=False
     )
-    client = pki.client_context().wrap_socket(
+    client = pki.client_context(stranger=stranger).wrap_socket(
         raw_client, server_hostname="127.0.0.1", do_handshake_on_connect=False
     )
-    with StreamTun(server) as ts, StreamTun(client) as tc:
+    return StreamTun(server), StreamTun(client)
+
+
+def test_tls_handshake_left_to_the_first_calls(pki: Pki) -> None:
+    ts, tc = _tls_pair_not_handshaken(pki)
+    with ts, tc:
         assert ts.name().startswith("tls:127.0.0.1:")
         writer, errors = in_thread(lambda: write_packets(tc, [ipv4_packet(1, 500)]))
         assert read_packets(ts, 1) == [ipv4_packet(1, 500)]
@@ -486,16 +492,8 @@ def test_tls_handshake_left_to_the_first_calls(pki: Pki) -> None:
 
 
 def test_tls_server_refuses_a_stranger_certificate(pki: Pki) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        raw_client = socket.create_connection(srv.getsockname())
-        raw_server, _ = srv.accept()
-    server = pki.server_context().wrap_socket(
-        raw_server, server_side=True, do_handshake_on_connect=False
-    )
-    client = pki.client_context(stranger=True).wrap_socket(
-        raw_client, server_hostname="127.0.0.1", do_handshake_on_connect=False
-    )
-    with StreamTun(server) as ts, StreamTun(client) as tc:
+    ts, tc = _tls_pair_not_handshaken(pki, stranger=True)
+    with ts, tc:
         writer, _ = in_thread(lambda: write_packets(tc, [ipv4_packet(1, 100)]))
         with pytest.raises(ssl.SSLError, match="certificate"):
             read_packets(ts, 1)
