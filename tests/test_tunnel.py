@@ -293,6 +293,22 @@ def test_one_line_errors_port_in_use_unreachable_and_bad_certificate(hosts: Host
     _one_line_error(lonely, f"--connect {UNDER_A}:{PORT}", "connection refused")
 
 
+@pytest.mark.timeout(60)
+def test_a_frame_longer_than_the_listeners_mtu_ends_that_connection_only(hosts: Hosts) -> None:
+    a = hosts.listen("tcp")
+    a.wait_for("listening on")
+    b = TunnelProc("--connect", f"{UNDER_A}:{PORT}", "--netns", hosts.ns_b,
+                   "--address", f"{B4}/24", "--mtu", "9000")
+    hosts.procs.append(b)
+    b.wait_for("connected:")
+    ns_run(hosts.ns_b, "ping", "-c", "1", "-W", "1", "-s", "3000", A4, check=False)
+    a.wait_for("give both ends the same --mtu")
+    a.wait_for("disconnected:")
+    assert any("frame of 3028 bytes is longer than mtu() 1500" in line for line in a.lines)
+    b.wait_for("connected:", count=2)  # it comes back; the listener takes it again
+    assert a.proc.poll() is None and b.proc.poll() is None
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -580,10 +580,13 @@ def _ended(session: _Session, totals: _Totals, console: Console,
         raise UsageError(_refused(endpoint, _reason(error)))
     if error is None:
         why = "the peer closed the connection"
-    elif isinstance(error, TunError | OSError):
-        why = _reason(error) if not isinstance(error, TunError) else str(error)
-        if isinstance(error, OSError) and error.errno in (errno.ECONNRESET, errno.EPIPE):
-            why = "the peer reset the connection"
+    elif isinstance(error, TunError):  # the peer broke the frame format
+        why = str(error)
+        if "longer than mtu()" in why:
+            why += " (give both ends the same --mtu)"
+    elif isinstance(error, OSError):
+        reset = error.errno in (errno.ECONNRESET, errno.EPIPE)
+        why = "the peer reset the connection" if reset else _reason(error)
     else:
         raise error
     _say(console, f"disconnected: {session.stream.name()}: {why}")
