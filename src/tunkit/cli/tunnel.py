@@ -56,8 +56,9 @@ HOST:PORT). Transports:
 
 A --listen end takes a new connection when the old one ends (over tls also
 when a new one arrives: the peer was restarted); a --connect end connects
-again, with backoff. Start the --listen end first: a --connect end that cannot reach its
-peer at start says so and exits 2. Give both ends the same --mtu.
+again, with backoff. Start the --listen end first: a --connect end that
+cannot reach its peer at start says so and exits 2. Give both ends the same
+--mtu.
 
 examples:
   # host A (192.0.2.1):

@@ -267,6 +267,10 @@ class StreamTun:
             except OSError as exc:
                 raise self._fd.failure(exc, "read") from None
         with self._ssl_lock:
+            if self._fd.closed:
+                # OpenSSL keeps the descriptor's number, which may be another
+                # file's by now: no SSL call once close() has begun.
+                raise self._fd.closed_error("read")
             try:
                 # An SSLSocket returns 0 at the peer's close_notify and, with
                 # suppress_ragged_eofs (the default), at a bare end of the TCP
