@@ -69,6 +69,9 @@ IFLA_MTU: Final = 4
 # <linux/sched.h>
 CLONE_NEWNET: Final = 0x40000000
 
+# <linux/prctl.h>
+PR_SET_PDEATHSIG: Final = 1  # prctl option: the signal a child gets when its parent dies
+
 # <linux/mount.h> / <sys/mount.h>
 MS_BIND: Final = 0x1000
 MS_REC: Final = 0x4000
