@@ -62,13 +62,19 @@ def test_memory_demo_times_each_direction_on_its_own(monkeypatch: pytest.MonkeyP
     assert a2b.packets_per_second == 2000 / a2b.seconds
 
 
-@pytest.mark.parametrize("command", ["demo", "bench", "bridge"])
-def test_every_help_explains_with_an_example_and_shows_defaults(command: str) -> None:
+@pytest.mark.parametrize(
+    ("command", "default"),
+    [("demo", "(default: 3)"), ("bench", "(default: 10.0)"), ("bridge", "(default: 5.0)"),
+     ("create", "(default 1500)"), ("delete", "")],
+)
+def test_every_help_explains_with_an_example_and_shows_defaults(
+    command: str, default: str,
+) -> None:
     proc = run_tunkit(command, "--help")
     assert proc.returncode == 0
     assert "examples:" in proc.stdout and f"tunkit {command}" in proc.stdout
-    defaults = {"demo": "(default: 3)", "bench": "(default: 10.0)", "bridge": "(default: 5.0)"}
-    assert defaults[command] in proc.stdout
+    assert default in proc.stdout
+    assert "(default: [])" not in proc.stdout
     assert "(default: None)" not in proc.stdout and "(default: False)" not in proc.stdout
     assert_readable_at_80(proc.stdout)
 

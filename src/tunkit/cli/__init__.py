@@ -17,12 +17,12 @@ from types import FrameType
 
 from rich.console import Console
 
-from . import bench, bridge, children, demo
+from . import bench, bridge, children, create, demo
 from .preflight import HelpFormatter, UsageError
 
 __all__ = ["UsageError", "main"]
 
-_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge}
+_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge, "create": create, "delete": create}
 
 
 _DESCRIPTION = """\

@@ -73,12 +73,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """A description as written (its examples keep their lines), each option with its default.
 
     ``(default: ...)`` follows the help of an option whose default is a value
-    (not ``None``, not a flag's ``False``) and whose help does not say it already.
+    (not ``None``, a flag's ``True``/``False`` or the empty list of a repeatable
+    option) and whose help does not say it already.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or isinstance(default, bool)
+                or default == [] or "%(default)" in text):
             return text
         return f"{text} (default: %(default)s)"
 
