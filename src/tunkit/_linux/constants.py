@@ -93,6 +93,9 @@ CLONE_NEWNET: Final = 0x40000000
 # <linux/nsfs.h>: ioctls on a namespace descriptor (Linux 4.11 and later).
 NS_GET_NSTYPE: Final = 0xB703  # _IO(0xb7, 0x3): returns the CLONE_NEW* of the namespace
 
+# <linux/prctl.h>
+PR_SET_PDEATHSIG: Final = 1  # prctl option: the signal a child gets when its parent dies
+
 # <linux/mount.h> / <sys/mount.h>
 MS_BIND: Final = 0x1000
 MS_REC: Final = 0x4000

@@ -17,7 +17,7 @@ from .._linux.device import check_name, create_tun
 from .._linux.ioctl import TUN_PATH, dev_tun_mode, dev_tun_open_to, set_persist
 from .._linux.owners import describe_gid, describe_uid, resolve_group, resolve_user
 from .._linux.persist import delete_tun
-from .preflight import UsageError, missing_capabilities, positive
+from .preflight import HelpFormatter, UsageError, missing_capabilities, positive
 
 __all__ = ["CREATE_HELP", "DELETE_HELP", "add_parser", "dev_tun_note", "run"]
 
@@ -74,7 +74,7 @@ def _add(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentP
     """Add subcommand *name* with the arguments both commands take: NAME and --netns."""
     parser: argparse.ArgumentParser = sub.add_parser(
         name, help=help, description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("name", metavar="NAME", help="the device's name (at most 15 bytes)")
     parser.add_argument("--netns", metavar="NS",

@@ -36,7 +36,7 @@ from .._errors import TunError
 from .._linux.device import NativeTun, TunStats, create_tun, open_tun
 from .._linux.netns import inside, open_netns
 from ..transport.stream import MAX_FRAME, StreamTun
-from .preflight import UsageError, positive, positive_float, require
+from .preflight import HelpFormatter, UsageError, positive, positive_float, require
 
 __all__ = ["TUNNEL_HELP", "add_parser", "run"]
 
@@ -133,17 +133,17 @@ def add_parser(sub: Any) -> None:
         "tunnel",
         help="one end of a point-to-point IP tunnel to another host",
         description=TUNNEL_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     where = tunnel.add_mutually_exclusive_group(required=True)
     where.add_argument("--listen", metavar="HOST:PORT", help="wait for the peer here")
     where.add_argument("--connect", metavar="HOST:PORT", help="reach the peer there")
     tunnel.add_argument("--transport", choices=("tcp", "tls"), default="tcp",
-                        help="how packets travel (default: tcp)")
-    tunnel.add_argument("--dev", metavar="NAME", default="",
+                        help="how packets travel")
+    tunnel.add_argument("--dev", metavar="NAME",
                         help="device name (default: the kernel picks, tun0 ...); the name of "
                         "an existing persistent TUN device attaches to it")
-    tunnel.add_argument("--address", action="append", metavar="CIDR", default=[],
+    tunnel.add_argument("--address", action="append", metavar="CIDR",
                         help="address of the device, like 10.7.0.1/24 or fd00:7::1/64 "
                         "(repeatable)")
     tunnel.add_argument("--mtu", type=positive, metavar="N",
@@ -156,7 +156,7 @@ def add_parser(sub: Any) -> None:
     tunnel.add_argument("--ca", metavar="FILE",
                         help="tls: the authority that signed the peer's certificate (PEM)")
     tunnel.add_argument("--interval", type=positive_float, default=5.0, metavar="S",
-                        help="seconds between counter lines (default: 5)")
+                        help="seconds between counter lines")
 
 
 # -- checking what was asked for -----------------------------------------------------
@@ -482,6 +482,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     listen = args.listen is not None
     endpoint = parse_endpoint(*(("--listen", args.listen) if listen else
                                 ("--connect", args.connect)))
+    args.dev = args.dev or ""
+    args.address = args.address or []
     _check_addresses(args.address)
     if args.netns is not None:
         _check_netns(args.netns)
