@@ -1,6 +1,6 @@
 """Tunnel-load over streams: iperf3 across `tunkit tunnel` (tcp, tls), naive-udp and the underlay.
 
-    sudo python benchmarks/tunnel_stream.py [--seconds 5] [--repeat 2] [--mtu 1500 --mtu 9000]
+    sudo python benchmarks/tunnel_stream.py [--seconds 5] [--repeat 2] [--mtu 9000 --mtu 1500]
 
 Two network namespaces, A and B, joined by a veth pair (the "underlay", MTU
 1500, like a wire between two hosts). Across it, in turn, in one run:
@@ -10,8 +10,9 @@ Two network namespaces, A and B, joined by a veth pair (the "underlay", MTU
   a TUN device (no offload, inner MTU 1400), one thread doing ``os.read`` and
   ``sock.sendto`` per packet, another ``recvfrom`` and ``os.write``;
 - ``tunkit-tcp``: a ``tunkit tunnel --transport tcp`` process per side
-  (StreamTun over TCP, device MTU from ``--mtu``; the first one given is
-  called ``tunkit-tcp``, the others ``tunkit-tcp@MTU``);
+  (StreamTun over TCP, device MTU from ``--mtu``, default 9000 as
+  ``tunkit tunnel``'s; the first one given is called ``tunkit-tcp``, the
+  others ``tunkit-tcp@MTU``);
 - ``tunkit-tls``: the same over TLS with mutual certificates (a throwaway CA
   made with the ``cryptography`` package).
 
@@ -217,11 +218,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--mtu", type=int, action="append",
-                        help="device MTU of tunkit-tcp/-tls (repeatable; default: 1500)")
+                        help="device MTU of tunkit-tcp/-tls (repeatable; default: 9000, "
+                        "tunkit tunnel's own)")
     parser.add_argument("--only", action="append", help="run only these setups")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    mtus = args.mtu or [1500]
+    mtus = args.mtu or [9000]
     setups: list[tuple[str, int]] = [("underlay", 1500), ("naive-udp", NAIVE_MTU)]
     for kind in ("tcp", "tls"):
         for i, mtu in enumerate(mtus):

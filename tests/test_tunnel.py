@@ -32,7 +32,7 @@ UNDER_A, UNDER_B = "192.168.79.1", "192.168.79.2"
 A4, B4 = "10.79.0.1", "10.79.0.2"
 A6, B6 = "fd00:79::1", "fd00:79::2"
 PORT = 5555
-MTU = 1500
+MTU = 9000  # tunkit tunnel's default over streams
 
 
 class TunnelProc:
@@ -202,12 +202,14 @@ def udp_sizes(hosts: Hosts, family: int, src: str, dst: str, sizes: list[int]) -
 def test_ping_tcp_and_udp_cross_the_tunnel(hosts: Hosts, transport: str) -> None:
     need_tool("ping")
     a, b = hosts.ends(transport)
+    assert f"mtu {MTU})" in a.lines[0], a.lines[0]
     ping(hosts.ns_b, A4)
     ping(hosts.ns_b, A6)
     ping(hosts.ns_a, B6)
     # UDP of many sizes up to the MTU: IPv4 + UDP headers are 28 bytes, IPv6 + UDP 48.
-    udp_sizes(hosts, socket.AF_INET, A4, B4, [1, 2, 100, 512, 1000, 1399, 1400, MTU - 28])
-    udp_sizes(hosts, socket.AF_INET6, A6, B6, [1, 333, 1280, MTU - 49, MTU - 48])
+    udp_sizes(hosts, socket.AF_INET, A4, B4,
+              [1, 2, 100, 512, 1000, 1400, 1472, 1473, 4000, 8000, MTU - 29, MTU - 28])
+    udp_sizes(hosts, socket.AF_INET6, A6, B6, [1, 333, 1280, 1452, 5000, MTU - 49, MTU - 48])
     tcp_transfer(hosts, 200 * 1024 * 1024, timeout=100)  # type: ignore[arg-type]
     # The counters move: wait for a counter line that shows packets from the peer.
     b.wait_for("from peer:")
@@ -295,7 +297,7 @@ def test_one_line_errors_port_in_use_unreachable_and_bad_certificate(hosts: Host
 
 @pytest.mark.timeout(60)
 def test_a_frame_longer_than_the_listeners_mtu_ends_that_connection_only(hosts: Hosts) -> None:
-    a = hosts.listen("tcp")
+    a = hosts.listen("tcp", "--mtu", "1500")
     a.wait_for("listening on")
     b = TunnelProc("--connect", f"{UNDER_A}:{PORT}", "--netns", hosts.ns_b,
                    "--address", f"{B4}/24", "--mtu", "9000")
@@ -363,7 +365,7 @@ def test_the_readme_tunnel_end_talks_to_tunkit_tunnel(hosts: Hosts) -> None:
             assert example.poll() is None and time.monotonic() < deadline, example.stderr
             time.sleep(0.05)
         peer = TunnelProc("--connect", f"{UNDER_A}:5555", "--netns", hosts.ns_b,
-                          "--address", "10.7.0.2/24")
+                          "--address", "10.7.0.2/24", "--mtu", "1500")
         hosts.procs.append(peer)
         peer.wait_for("connected:")
         ping(hosts.ns_b, "10.7.0.1")
