@@ -66,6 +66,10 @@ RTM_GETLINK: Final = 18
 IFLA_IFNAME: Final = 3
 IFLA_MTU: Final = 4
 
+# <linux/udp.h>: options at level SOL_UDP (17). Python 3.11's socket module lacks them.
+UDP_SEGMENT: Final = 103  # setsockopt/cmsg: send one buffer as datagrams of this size (GSO)
+UDP_GRO: Final = 104  # setsockopt: coalesce received datagrams; cmsg: their size
+
 # <linux/sched.h>
 CLONE_NEWNET: Final = 0x40000000
 

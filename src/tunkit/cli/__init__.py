@@ -15,12 +15,12 @@ from types import FrameType
 
 from rich.console import Console
 
-from . import bench, bridge, demo
+from . import bench, bridge, demo, doctor
 from .preflight import UsageError
 
 __all__ = ["UsageError", "main"]
 
-_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge}
+_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge, "doctor": doctor}
 
 
 def _parser() -> argparse.ArgumentParser:
