@@ -210,7 +210,7 @@ def test_sigterm_mid_probe_removes_the_namespace_and_sigkill_leftovers_go_next_r
         else:
             pytest.fail("never caught a doctor inside its scratch namespace")
         if signum == signal.SIGTERM:
-            assert proc.returncode == 130, err
+            assert proc.returncode == 128 + signal.SIGTERM, err
             assert "Traceback" not in err
             assert _our_namespaces(proc.pid) == []
         else:

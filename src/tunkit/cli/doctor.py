@@ -45,7 +45,6 @@ from .._linux.netns import (
     create_netns,
     delete_netns,
     inside,
-    remove_stale_netns,
     unique_netns_name,
 )
 from .._offload import _impl
@@ -77,7 +76,8 @@ from .._offload.vnet import (
     VnetHdr,
 )
 from .._tun import GsoTun
-from .preflight import missing_capabilities
+from . import children
+from .preflight import HelpFormatter, missing_capabilities
 
 __all__ = [
     "DOCTOR_HELP",
@@ -311,9 +311,9 @@ def udp_socket_rows() -> list[Row]:
 def scratch_netns() -> Iterator[str]:
     """Make the network namespace ``tk-<pid>-doctor``; delete it on the way out, whatever happens.
 
-    Leftovers of doctors that were killed (their process is gone) are removed first.
+    What killed tunkit runs left (their processes, then their namespaces) is removed first.
     """
-    remove_stale_netns()
+    children.remove_leftovers("tk")
     name = unique_netns_name("doctor")
     try:
         create_netns(name)
@@ -626,7 +626,7 @@ def add_parser(sub: Any) -> None:
         "doctor",
         help="tell whether tunkit can run here, and at what speed",
         description=DOCTOR_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     doctor.add_argument("--json", action="store_true", help="print the rows as JSON")
 
