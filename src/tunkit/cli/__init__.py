@@ -17,12 +17,19 @@ from types import FrameType
 
 from rich.console import Console
 
-from . import bench, bridge, children, create, demo
+from . import bench, bridge, children, create, demo, doctor
 from .preflight import HelpFormatter, UsageError
 
 __all__ = ["UsageError", "main"]
 
-_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge, "create": create, "delete": create}
+_COMMANDS = {
+    "demo": demo,
+    "bench": bench,
+    "bridge": bridge,
+    "create": create,
+    "delete": create,
+    "doctor": doctor,
+}
 
 
 _DESCRIPTION = """\
