@@ -34,12 +34,15 @@ _COMMANDS = {
 
 _DESCRIPTION = """\
 TUN devices for Python: see them work (demo), measure them (bench), put them
-to use (bridge). Each command's --help explains it, with examples.
+to use (bridge), make devices for users without root (create, delete), and
+ask whether this machine can run them, and how fast (doctor). Each command's
+--help explains it, with examples.
 
 examples:
   tunkit demo --memory
   sudo tunkit demo
   tunkit bench --help
+  sudo tunkit doctor
 """
 
 
