@@ -87,6 +87,10 @@ IFLA_TUN_MULTI_QUEUE: Final = 7  # u8
 IFLA_TUN_NUM_QUEUES: Final = 8  # u32
 IFLA_TUN_NUM_DISABLED_QUEUES: Final = 9  # u32
 
+# <linux/udp.h>: options at level SOL_UDP (17). Python 3.11's socket module lacks them.
+UDP_SEGMENT: Final = 103  # setsockopt/cmsg: send one buffer as datagrams of this size (GSO)
+UDP_GRO: Final = 104  # setsockopt: coalesce received datagrams; cmsg: their size
+
 # <linux/sched.h>
 CLONE_NEWNET: Final = 0x40000000
 

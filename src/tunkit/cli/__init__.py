@@ -17,23 +17,33 @@ from types import FrameType
 
 from rich.console import Console
 
-from . import bench, bridge, children, create, demo, tunnel
+from . import bench, bridge, children, create, demo, doctor, tunnel
 from .preflight import HelpFormatter, UsageError
 
 __all__ = ["UsageError", "main"]
 
-_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge, "create": create, "delete": create,
-             "tunnel": tunnel}
+_COMMANDS = {
+    "demo": demo,
+    "bench": bench,
+    "bridge": bridge,
+    "create": create,
+    "delete": create,
+    "doctor": doctor,
+    "tunnel": tunnel,
+}
 
 
 _DESCRIPTION = """\
 TUN devices for Python: see them work (demo), measure them (bench), put them
-to use (bridge, tunnel). Each command's --help explains it, with examples.
+to use (bridge, tunnel), make devices for users without root (create,
+delete), and ask whether this machine can run them, and how fast (doctor).
+Each command's --help explains it, with examples.
 
 examples:
   tunkit demo --memory
   sudo tunkit demo
   tunkit bench --help
+  sudo tunkit doctor
 """
 
 
