@@ -296,6 +296,21 @@ def test_one_line_errors_port_in_use_unreachable_and_bad_certificate(hosts: Host
 
 
 @pytest.mark.timeout(60)
+def test_an_existing_persistent_device_is_attached_to_and_stays(hosts: Hosts) -> None:
+    need_tool("ping")
+    ns_run(hosts.ns_a, "ip", "tuntap", "add", "mode", "tun", "tkpersist")
+    a = hosts.listen("tcp", "--dev", "tkpersist")
+    a.wait_for("listening on")
+    assert a.lines[0].startswith(f"tunnel: tkpersist in namespace {hosts.ns_a} ")
+    b = hosts.connect("tcp")
+    b.wait_for("connected:")
+    ping(hosts.ns_b, A4)
+    assert a.stop()[0] == 0
+    link = ns_run(hosts.ns_a, "ip", "-d", "link", "show", "tkpersist")
+    assert "tun" in link.stdout  # still there, the persistent device it was
+
+
+@pytest.mark.timeout(60)
 def test_a_frame_longer_than_the_listeners_mtu_ends_that_connection_only(hosts: Hosts) -> None:
     a = hosts.listen("tcp", "--mtu", "1500")
     a.wait_for("listening on")
