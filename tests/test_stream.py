@@ -321,6 +321,45 @@ def test_a_stream_cut_inside_a_frame_is_a_protocol_error_after_the_whole_frames(
         assert tun.stats().dropped_malformed == 1
 
 
+def _oracle(stream: bytes, mtu: int) -> tuple[list[bytes], str]:
+    """The packets a reader must return from *stream*, and how it must end (obvious loop)."""
+    packets, pos = [], 0
+    while pos < len(stream):
+        if len(stream) - pos < 2:
+            return packets, "cut"
+        length = stream[pos] * 256 + stream[pos + 1]
+        if length > mtu:
+            return packets, "too long"
+        if len(stream) - pos - 2 < length:
+            return packets, "cut"
+        if length:
+            packets.append(stream[pos + 2 : pos + 2 + length])
+        pos += 2 + length
+    return packets, "closed"
+
+
+@settings(max_examples=150, deadline=None)
+@given(stream=st.binary(max_size=3000) | packet_lists.map(lambda ps: b"".join(map(frame, ps))),
+       mtu=st.sampled_from([1, 64, 300, 1500]))
+def test_any_byte_stream_gives_the_frames_then_a_tun_error(stream: bytes, mtu: int) -> None:
+    expected, end = _oracle(stream, mtu)
+    a, peer = socket.socketpair()
+    with StreamTun(a, mtu=mtu) as tun:
+        reader = _Reader(tun, 10**6)
+        peer.sendall(stream)
+        peer.close()
+        reader.join()
+    assert reader.packets == expected
+    assert isinstance(reader.error, TunError)  # ClosedError is one too
+    if end == "closed":
+        assert type(reader.error) is ClosedError
+    else:
+        assert not isinstance(reader.error, ClosedError)
+        assert ("longer than mtu()" if end == "too long" else "ended inside a frame") in str(
+            reader.error
+        )
+
+
 def test_a_stream_that_ends_between_frames_is_the_peer_closing() -> None:
     a, peer = socket.socketpair()
     with StreamTun(a) as tun:
