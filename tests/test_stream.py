@@ -339,7 +339,10 @@ def _oracle(stream: bytes, mtu: int) -> tuple[list[bytes], str]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(stream=st.binary(max_size=3000) | packet_lists.map(lambda ps: b"".join(map(frame, ps))),
+@given(stream=st.binary(max_size=3000)
+       | st.lists(st.binary(max_size=300), max_size=12).map(lambda ps: b"".join(map(frame, ps)))
+       | st.tuples(packet_lists, st.binary(max_size=40)).map(
+           lambda t: b"".join(map(frame, t[0])) + t[1]),
        mtu=st.sampled_from([1, 64, 300, 1500]))
 def test_any_byte_stream_gives_the_frames_then_a_tun_error(stream: bytes, mtu: int) -> None:
     expected, end = _oracle(stream, mtu)
