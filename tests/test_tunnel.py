@@ -314,8 +314,8 @@ def test_an_existing_persistent_device_is_attached_to_and_stays(hosts: Hosts) ->
 def test_a_frame_longer_than_the_listeners_mtu_ends_that_connection_only(hosts: Hosts) -> None:
     a = hosts.listen("tcp", "--mtu", "1500")
     a.wait_for("listening on")
-    b = TunnelProc("--connect", f"{UNDER_A}:{PORT}", "--netns", hosts.ns_b,
-                   "--address", f"{B4}/24", "--mtu", "9000")
+    b = TunnelProc("--connect", f"{UNDER_A}:{PORT}", "--transport", "tcp",
+                   "--netns", hosts.ns_b, "--address", f"{B4}/24", "--mtu", "9000")
     hosts.procs.append(b)
     b.wait_for("connected:")
     ns_run(hosts.ns_b, "ping", "-c", "1", "-W", "1", "-s", "3000", A4, check=False)
@@ -379,8 +379,8 @@ def test_the_readme_tunnel_end_talks_to_tunkit_tunnel(hosts: Hosts) -> None:
         while not ns_run(hosts.ns_a, "ss", "-Hltn", "sport = :5555").stdout.strip():
             assert example.poll() is None and time.monotonic() < deadline, example.stderr
             time.sleep(0.05)
-        peer = TunnelProc("--connect", f"{UNDER_A}:5555", "--netns", hosts.ns_b,
-                          "--address", "10.7.0.2/24", "--mtu", "1500")
+        peer = TunnelProc("--connect", f"{UNDER_A}:5555", "--transport", "tcp",
+                          "--netns", hosts.ns_b, "--address", "10.7.0.2/24", "--mtu", "1500")
         hosts.procs.append(peer)
         peer.wait_for("connected:")
         ping(hosts.ns_b, "10.7.0.1")

@@ -62,9 +62,9 @@ cannot reach its peer at start says so and exits 2. Give both ends the same
 
 examples:
   # host A (192.0.2.1):
-  sudo tunkit tunnel --listen 0.0.0.0:5555 --address 10.7.0.1/24
+  sudo tunkit tunnel --transport tcp --listen 0.0.0.0:5555 --address 10.7.0.1/24
   # host B:
-  sudo tunkit tunnel --connect 192.0.2.1:5555 --address 10.7.0.2/24
+  sudo tunkit tunnel --transport tcp --connect 192.0.2.1:5555 --address 10.7.0.2/24
   ping 10.7.0.1
 
   # the same, encrypted, each end with its certificate:
