@@ -12,7 +12,7 @@ SPEC_NAMES = {
     "ReadOnClosedPipeError", "WriteOnClosedPipeError", "Channel", "pipe", "TunIO", "copy",
     "CallbackTun", "Forwarder", "Point2Point", "BufferPool", "Pool", "DebugPool", "GsoTun",
     "create_tun", "open_tun", "NativeTun", "TunStats", "TunError", "ClosedError",
-    "OffsetError", "RetryableError", "TooManySegmentsError", "BufferPoolError",
+    "OffsetError", "RetryableError", "TooManySegmentsError", "BufferPoolError", "UdpTun",
 }
 
 

@@ -35,12 +35,15 @@ from ._tunio import TunIO
 
 if TYPE_CHECKING:
     from ._linux.device import NativeTun, TunStats, create_tun, open_tun
+    from .transport.udp import UdpTun
 
 __version__ = "0.1.0"
 
 # The Linux device needs pyroute2; it is imported on first use, so the
 # in-memory core imports nothing beyond the standard library.
 _LINUX_NAMES = frozenset({"NativeTun", "TunStats", "create_tun", "open_tun"})
+# The transports sit on the Linux layer (sockets, the descriptor that close() wakes).
+_TRANSPORT_NAMES = frozenset({"UdpTun"})
 
 
 def __getattr__(name: str) -> Any:
@@ -48,6 +51,12 @@ def __getattr__(name: str) -> Any:
         from ._linux import device
 
         value = getattr(device, name)
+        globals()[name] = value
+        return value
+    if name in _TRANSPORT_NAMES:
+        from . import transport
+
+        value = getattr(transport, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tunkit' has no attribute {name!r}")
@@ -76,6 +85,7 @@ __all__ = [
     "TunError",
     "TunIO",
     "TunStats",
+    "UdpTun",
     "WriteOnClosedChannelError",
     "WriteOnClosedPipeError",
     "copy",
