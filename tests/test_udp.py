@@ -33,6 +33,7 @@ from tunkit.transport.udp import UdpTun
 LOOP4, LOOP6 = "127.0.0.1", "::1"
 HDR = 10  # virtio-net header
 GSO_OFFSET = 16
+SO_NO_CHECK = 11  # <asm-generic/socket.h>: send UDP without checksums
 
 FLOWS = {
     "tcp4": Flow(),
@@ -478,25 +479,27 @@ def test_eio_turns_gso_off_for_good_and_loses_nothing() -> None:
         receiver.close()
 
 
-class EinvalSocket(RefusingSocket):
-    refuse = errno.EINVAL  # segments longer than the route's MTU, say
-
-
-def test_einval_sends_that_message_apart_and_keeps_gso() -> None:
+def test_refused_segments_go_apart_and_enough_refusals_turn_gso_off() -> None:
+    """SO_NO_CHECK (UDP checksums off): the kernel refuses every UDP_SEGMENT send (EINVAL)."""
     receiver = plain_socket()
-    sock = EinvalSocket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((LOOP4, 0))
+    sock = plain_socket()
+    sock.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
     flow = FLOWS["udp4"]
     try:
         with UdpTun(sock, receiver.getsockname()) as tun:
             packets = [flow.packet(payload_bytes(1000, i), ip_id=i) for i in range(10)]
             assert tun.write(packets) == 10
-            assert tun.write(packets) == 10
-            assert recv_all(receiver, 20) == packets * 2
+            assert recv_all(receiver, 10) == packets
             stats = tun.stats()
-            assert stats.gso_refused == 2  # tried again each time: only that message went apart
-            assert stats.udp_gso == 1 and stats.gso_fallback == 0
-            assert stats.packets_written == 20
+            assert stats.gso_refused == 1 and stats.udp_gso == 1  # one refusal: tried again
+            for _ in range(udp_mod._REFUSALS_BEFORE_OFF):
+                assert tun.write(packets) == 10
+            assert recv_all(receiver, 10 * udp_mod._REFUSALS_BEFORE_OFF) == packets * 8
+            stats = tun.stats()
+            assert stats.gso_refused == udp_mod._REFUSALS_BEFORE_OFF
+            assert stats.gso_fallback == 1 and stats.udp_gso == 0
+            assert stats.gso_sends == 0
+            assert stats.packets_written == 90
     finally:
         receiver.close()
 

@@ -106,11 +106,15 @@ _LOST_ON_SEND: Final = frozenset(
     }
 )
 # What a UDP_SEGMENT send may answer that the same datagrams one by one would
-# not: EIO, the device cannot checksum UDP (GSO needs it): GSO is turned off
-# for good, as wireguard-go does; EINVAL/EMSGSIZE, these segments are too long
-# for the route or too many: this one message goes apart.
+# not (udp_send_skb): EIO, the route cannot take GSO (xfrm; older kernels: a
+# device that cannot checksum UDP): GSO is turned off for good, as wireguard-go
+# does. EINVAL/EMSGSIZE: these segments are longer than the path MTU (which
+# may shrink, and grow back), or the socket sends without checksums
+# (SO_NO_CHECK): that message goes apart, and only so many refusals in a row
+# turn GSO off.
 _GSO_OFF: Final = errno.EIO
 _GSO_REFUSED: Final = frozenset({errno.EINVAL, errno.EMSGSIZE})
+_REFUSALS_BEFORE_OFF: Final = 8
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -127,7 +131,7 @@ class UdpStats(TunStats):
     dropped_stranger: int = 0  # datagrams from someone other than the peer
     dropped_no_peer: int = 0  # packets written before any peer was known
     gso_sends: int = 0  # UDP_SEGMENT sends (each of several datagrams)
-    gso_fallback: int = 0  # 1 once UDP_SEGMENT failed with EIO and was turned off
+    gso_fallback: int = 0  # 1 once UDP_SEGMENT was turned off (EIO, or refused 8 times in a row)
     gso_refused: int = 0  # UDP_SEGMENT sends refused (EINVAL/EMSGSIZE), sent apart
     gro_reads: int = 0  # UDP_GRO reads that returned several datagrams
     udp_gso: int = 0  # 1 while UDP_SEGMENT is used
@@ -397,6 +401,7 @@ class UdpTun:
         self._gso_sends = 0
         self._gso_fallback = 0
         self._gso_refused = 0
+        self._refusals = 0  # UDP_SEGMENT sends refused in a row
 
     # -- read side ----------------------------------------------------------------
 
@@ -746,6 +751,7 @@ class UdpTun:
                     cmsg = [(socket.SOL_UDP, UDP_SEGMENT, _CMSG_U16.pack(len(dgrams[0])))]
                     sent = sock.sendmsg(dgrams, cmsg, 0, peer)
                     self._gso_sends += 1
+                    self._refusals = 0
                 break
             except BlockingIOError:
                 fd.wait_writable()
@@ -754,11 +760,12 @@ class UdpTun:
             except OSError as exc:
                 code = exc.errno
                 if count > 1 and (code == _GSO_OFF or code in _GSO_REFUSED):
-                    if code == _GSO_OFF:
-                        self._gso = False  # for good: the route's device cannot checksum
-                        self._gso_fallback += 1
-                    else:
+                    if code != _GSO_OFF:
                         self._gso_refused += 1
+                        self._refusals += 1
+                    if code == _GSO_OFF or self._refusals >= _REFUSALS_BEFORE_OFF:
+                        self._gso = False  # for good
+                        self._gso_fallback += 1
                     for dgram in dgrams:
                         self._send([dgram], peer)
                     return
