@@ -47,12 +47,13 @@ INNER_MTU = 1500 - 28  # the veth's MTU less IPv4 and UDP
 # system call per packet each way.
 NAIVE_SIDE = """
 import os, socket, sys, threading, tunkit
-local, peer, addr, mtu = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+local, peer, addr = sys.argv[1:4]
+port, mtu = int(sys.argv[4]), int(sys.argv[5])
 dev = tunkit.create_tun(mtu=mtu, offload=False)
 dev.add_address(addr + "/24"); dev.up()
 fd = dev.fileno(); os.set_blocking(fd, True)
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); sock.bind((local, %(port)d))
-to = (peer, %(port)d)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); sock.bind((local, port))
+to = (peer, port)
 def out():
     while True:
         sock.sendto(os.read(fd, 65536), to)
@@ -67,13 +68,13 @@ for f in (out, back):
     threading.Thread(target=f, daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
-""" % {"port": PORT}
+"""
 
 # One side of the tunkit tunnel: NativeTun (offload) + UdpTun, joined by copy.
 TUNKIT_SIDE = """
 import dataclasses, json, signal, sys, threading, tunkit
-local, peer, addr = sys.argv[1], sys.argv[2], sys.argv[3]
-udp = tunkit.UdpTun((local, %(port)d), (peer, %(port)d))
+local, peer, addr, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+udp = tunkit.UdpTun((local, port), (peer, port))
 dev = tunkit.create_tun(mtu=udp.mtu(), offload=True)
 dev.add_address(addr + "/24"); dev.up()
 def stop(*_):
@@ -86,7 +87,7 @@ t.start()
 print("ready", flush=True)
 while t.is_alive():
     t.join(0.2)
-""" % {"port": PORT}
+"""
 
 
 def ip(ns: str, *args: str) -> None:
@@ -156,14 +157,15 @@ def start_sides(code: str, ns: tuple[str, str], *extra: str) -> list[subprocess.
         for i in (0, 1):
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns[i], sys.executable, "-c", textwrap.dedent(code),
-                 UNDER[i], UNDER[1 - i], OVER[i], *extra],
+                 UNDER[i], UNDER[1 - i], OVER[i], str(PORT), *extra],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
             procs.append(proc)
             assert proc.stdout is not None
             line = proc.stdout.readline().strip()
             if line != "ready":
-                raise RuntimeError(f"tunnel side failed: {proc.stderr.read() if proc.stderr else ''}")
+                why = proc.stderr.read() if proc.stderr else ""
+                raise RuntimeError(f"tunnel side failed: {why}")
         # The first packets teach nothing (the peers are fixed): wait for both links.
         subprocess.run(["ip", "netns", "exec", ns[0], "ping", "-c", "1", "-W", "2", OVER[1]],
                        capture_output=True, timeout=10, check=False)
@@ -250,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             ratios = [rd["tunkit-udp"]["gbit_s"] / rd[base]["gbit_s"]
                       for rd in rounds if rd[base]["gbit_s"] > 0]
             if ratios:
-                spread = f" (min {min(ratios):.2f}, max {max(ratios):.2f})" if len(ratios) > 1 else ""
+                spread = (f" (min {min(ratios):.2f}, max {max(ratios):.2f})"
+                          if len(ratios) > 1 else "")
                 print(f"  tunkit-udp / {base:9s} median {statistics.median(ratios):6.2f}x{spread}")
     if args.json:
         with open(args.json, "w") as f:

@@ -15,6 +15,7 @@ import pytest
 from netns_util import netns_factory, ns_run, ns_socket, root, tcp_transfer  # noqa: F401
 
 import tunkit
+from tunkit.transport import udp as udp_mod
 from tunkit.transport.udp import UdpTun
 
 UNDER_A, UNDER_B = "10.79.0.1", "10.79.0.2"  # the veth underlay
@@ -39,7 +40,7 @@ class Tunnel:
     ns_b: str
     a: Side
     b: Side
-    B4: str = OVER_B4  # noqa: N815 (tcp_transfer's name)
+    B4: str = OVER_B4
 
 
 def _veth(ns_a: str, ns_b: str) -> None:
@@ -85,10 +86,16 @@ def _side(
     return Side(ns, device, udp, thread, errors)
 
 
-@pytest.fixture(params=["offload", "nooffload"])
+@pytest.fixture(params=["offload", "offload-pure", "nooffload"])
 def tunnel(
-    request: pytest.FixtureRequest, netns_factory: Callable[[str], str]  # noqa: F811
+    request: pytest.FixtureRequest,
+    netns_factory: Callable[[str], str],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Tunnel]:
+    """Two namespaces joined by a veth, a tunnel across: NativeTuns with offload and UdpTuns
+    on the C calls (UdpIo) or on the pure path, or NativeTuns without offload."""
+    if request.param == "offload-pure":
+        monkeypatch.setattr(udp_mod, "_udp_io", None)
     ns_a, ns_b = netns_factory("udpa"), netns_factory("udpb")
     _veth(ns_a, ns_b)
     socks = []
@@ -97,7 +104,7 @@ def tunnel(
         s.bind((addr, 0))
         socks.append(s)
     port_a, port_b = socks[0].getsockname()[1], socks[1].getsockname()[1]
-    offload = request.param == "offload"
+    offload = request.param.startswith("offload")
     a = _side(ns_a, socks[0], (UNDER_B, port_b), OVER_A4, OVER_A6, offload)
     try:
         b = _side(ns_b, socks[1], (UNDER_A, port_a), OVER_B4, OVER_B6, offload)
