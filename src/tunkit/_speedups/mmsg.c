@@ -70,6 +70,8 @@ typedef struct {
     struct iovec *wiov;            /* MAX_MSGS * max_segments */
     uint8_t *wctl;                 /* MAX_MSGS * WCTL_LEN */
     Py_ssize_t *wbuf_of;           /* MAX_MSGS: the buffer each message belongs to */
+    uint8_t **wouts;               /* MAX_SPLIT: where each segment of a split goes */
+    Py_ssize_t *wlens;             /* MAX_SPLIT: and its length */
     struct mmsghdr *amsgs;         /* max_segments: one message's datagrams sent apart */
     /* Counters, named as UdpStats's fields; each side writes its own. */
     unsigned long long packets_read, bytes_read, malformed, too_big, stranger, gro_reads,
@@ -271,56 +273,6 @@ read_result(PyObject *sizes, const Py_ssize_t *lens, Py_ssize_t stored, Py_ssize
     return Py_BuildValue("(nn)", stored, err);
 }
 
-PyDoc_STRVAR(uio_read_doc,
-"read(bufs, sizes, offset)\n--\n\n"
-"Store one datagram per buffer at bufs[i][offset:]: those pending first, then\n"
-"receive (waiting for the first while none is stored). A datagram longer\n"
-"than the room is dropped (too_big). Return (stored, err): err 0, or -errno\n"
-"of an error that ended the call (stored 0) or came after stored packets.");
-
-static PyObject *
-uio_read(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_ssize_t count, offset;
-    Py_buffer *views = read_args(args, nargs, "read", &count, &offset);
-    if (views == NULL) {
-        return NULL;
-    }
-    Py_ssize_t *lens = PyMem_Calloc(count ? (size_t)count : 1, sizeof(Py_ssize_t));
-    if (lens == NULL) {
-        release_bufs(views, count);
-        return PyErr_NoMemory();
-    }
-    Py_ssize_t stored = 0, err = 0;
-    unsigned long long bytes = 0;
-    Py_BEGIN_ALLOW_THREADS
-    while (stored < count) {
-        if (self->head == self->n_pending) {
-            err = receive(self, stored == 0);
-            if (err < 0 || self->head == self->n_pending) {
-                break;
-            }
-        }
-        dgram_t d = self->pending[self->head++];
-        Py_buffer *v = &views[stored];
-        Py_ssize_t start = offset < v->len ? offset : v->len;
-        if (d.n > v->len - start) {
-            self->too_big++;
-            continue;
-        }
-        memcpy((uint8_t *)v->buf + start, d.p, (size_t)d.n);
-        lens[stored++] = d.n;
-        bytes += (unsigned long long)d.n;
-    }
-    Py_END_ALLOW_THREADS
-    self->packets_read += (unsigned long long)stored;
-    self->bytes_read += bytes;
-    PyObject *result = read_result(args[1], lens, stored, err);
-    PyMem_Free(lens);
-    release_bufs(views, count);
-    return result;
-}
-
 /* Store a lone packet behind an all-zero virtio header: 1, or 0 when it does not fit. */
 static int
 put_lone(uint8_t *out, Py_ssize_t room, const pkt_t *k, Py_ssize_t *len)
@@ -404,18 +356,40 @@ deliver_gso(udp_io_t *s, Py_buffer *views, Py_ssize_t stored, Py_ssize_t count, 
     return stored - first;
 }
 
-PyDoc_STRVAR(uio_read_gso_doc,
-"read_gso(bufs, sizes, at)\n--\n\n"
-"Store the pending and received datagrams coalesced (coalesce.c's GRO plan):\n"
-"bufs[i][at:] gets a virtio-net header, then a super-packet or a lone\n"
-"packet; sizes[i] its length without the header. Waits for the first. What\n"
-"does not fit the buffers stays pending. Return (stored, err) as read().");
-
-static PyObject *
-uio_read_gso(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs)
+/* Hand out the pending datagrams one per buffer (read's loop body): how many
+ * buffers it filled from views[stored..count). Without the GIL. */
+static Py_ssize_t
+deliver_plain(udp_io_t *s, Py_buffer *views, Py_ssize_t stored, Py_ssize_t count,
+              Py_ssize_t offset, Py_ssize_t *lens, unsigned long long *bytes)
 {
-    Py_ssize_t count, at;
-    Py_buffer *views = read_args(args, nargs, "read_gso", &count, &at);
+    Py_ssize_t first = stored;
+    while (stored < count && s->head < s->n_pending) {
+        dgram_t d = s->pending[s->head++];
+        Py_buffer *v = &views[stored];
+        Py_ssize_t start = offset < v->len ? offset : v->len;
+        if (d.n > v->len - start) {
+            s->too_big++;
+            continue;
+        }
+        memcpy((uint8_t *)v->buf + start, d.p, (size_t)d.n);
+        lens[stored++] = d.n;
+        *bytes += (unsigned long long)d.n;
+    }
+    s->packets_read += (unsigned long long)(stored - first);
+    return stored - first;
+}
+
+typedef Py_ssize_t (*deliver_fn)(udp_io_t *, Py_buffer *, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                 Py_ssize_t *, unsigned long long *);
+
+/* read and read_gso: hand out what is pending, receive while buffers remain
+ * (waiting for the first while none is stored), with `deliver`. */
+static PyObject *
+read_batch(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs, const char *name,
+           deliver_fn deliver)
+{
+    Py_ssize_t count, offset;
+    Py_buffer *views = read_args(args, nargs, name, &count, &offset);
     if (views == NULL) {
         return NULL;
     }
@@ -434,7 +408,7 @@ uio_read_gso(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs)
                 break;
             }
         }
-        stored += deliver_gso(self, views, stored, count, at, lens, &bytes);
+        stored += deliver(self, views, stored, count, offset, lens, &bytes);
     }
     Py_END_ALLOW_THREADS
     self->bytes_read += bytes;
@@ -442,6 +416,32 @@ uio_read_gso(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     PyMem_Free(lens);
     release_bufs(views, count);
     return result;
+}
+
+PyDoc_STRVAR(uio_read_doc,
+"read(bufs, sizes, offset)\n--\n\n"
+"Store one datagram per buffer at bufs[i][offset:]: those pending first, then\n"
+"receive (waiting for the first while none is stored). A datagram longer\n"
+"than the room is dropped (too_big). Return (stored, err): err 0, or -errno\n"
+"of an error that ended the call (stored 0) or came after stored packets.");
+
+static PyObject *
+uio_read(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return read_batch(self, args, nargs, "read", deliver_plain);
+}
+
+PyDoc_STRVAR(uio_read_gso_doc,
+"read_gso(bufs, sizes, at)\n--\n\n"
+"Store the pending and received datagrams coalesced (coalesce.c's GRO plan):\n"
+"bufs[i][at:] gets a virtio-net header, then a super-packet or a lone\n"
+"packet; sizes[i] its length without the header. Waits for the first. What\n"
+"does not fit the buffers stays pending. Return (stored, err) as read().");
+
+static PyObject *
+uio_read_gso(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return read_batch(self, args, nargs, "read_gso", deliver_gso);
 }
 
 /* -------------------------------------------------------------------------- */
@@ -672,10 +672,118 @@ write_args(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_ssize_t
     return take_bufs(args[0], count, PyBUF_SIMPLE);
 }
 
-static PyObject *
-write_result(Py_ssize_t done, Py_ssize_t err, const wstat_t *w)
+/* What a write's buffers share: the outbox, wbuf's bytes in use (the
+ * segments the outbox points at), the call's UDP_SEGMENT outcomes. */
+typedef struct {
+    outbox_t o;
+    wstat_t w;
+    Py_ssize_t wpos, done;
+} wcall_t;
+
+/* One buffer of write: its packet as one datagram. 0 or -errno. */
+static Py_ssize_t
+put_plain(udp_io_t *s, wcall_t *c, Py_ssize_t i, uint8_t *data, Py_ssize_t len)
 {
-    return Py_BuildValue("(nnnnni)", done, err, w->ok, w->run, w->refused, w->eio);
+    int flushed = 0;
+    return append(s, &c->o, &c->w, i, data, len, &c->done, &flushed);
+}
+
+/* One buffer of write_gso (virtio-net header, then a packet or a super-packet):
+ * its segments, or its packet, as datagrams. 0 or -errno. */
+static Py_ssize_t
+put_gso(udp_io_t *s, wcall_t *c, Py_ssize_t i, uint8_t *data, Py_ssize_t len)
+{
+    Py_ssize_t hdr_len;
+    Py_ssize_t segments = gso_check(data, len, &hdr_len);
+    if (segments == 0 || segments > MAX_SPLIT) {
+        s->malformed_written++;
+        return 0;
+    }
+    Py_ssize_t ip_len = len - VNET_HDR_LEN;
+    uint8_t *ip = data + VNET_HDR_LEN;
+    int flushed = 0;
+    Py_ssize_t err;
+    if (hdr_len == 0 && !(data[VNET_FLAGS] & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
+        err = append(s, &c->o, &c->w, i, ip, ip_len, &c->done, &flushed); /* as it is */
+        if (flushed) {
+            c->wpos = 0;
+        }
+        return err;
+    }
+    split_plan_t pl;
+    Py_ssize_t need, seg_len;
+    if (hdr_len) {
+        split_plan_checked(&pl, data, len, hdr_len);
+        seg_len = pl.hdr_len + pl.gso_size;
+        need = (pl.count - 1) * seg_len + pl.last_len;
+    }
+    else {
+        seg_len = need = ip_len;
+    }
+    if (c->wpos + need > WBUF_LEN) {
+        if ((err = flush(s, &c->o, &c->w, &c->done)) < 0) {
+            return err;
+        }
+        c->wpos = 0;
+    }
+    uint8_t *base = s->wbuf + c->wpos;
+    uint8_t **outs = s->wouts;
+    Py_ssize_t *lens = s->wlens;
+    if (hdr_len) {
+        for (Py_ssize_t k = 0; k < pl.count; k++) {
+            outs[k] = base + k * seg_len;
+        }
+        split_write(&pl, outs, lens);
+        s->gso_written++;
+    }
+    else {
+        /* split's copy_through: the partial checksum completed (skb_checksum_help). */
+        Py_ssize_t cs = host16(data + VNET_CSUM_START);
+        Py_ssize_t field = cs + host16(data + VNET_CSUM_OFFSET);
+        memcpy(base, ip, (size_t)ip_len);
+        uint32_t value = ~ones_sum_raw(base + cs, (size_t)(ip_len - cs), 0) & 0xFFFF;
+        put16(base + field, value ? value : 0xFFFF);
+        outs[0] = base;
+        lens[0] = ip_len;
+    }
+    c->wpos += need;
+    /* A flush in here keeps wbuf: this super-packet's segments are there. */
+    for (Py_ssize_t k = 0; k < segments; k++) {
+        if ((err = append(s, &c->o, &c->w, i, outs[k], lens[k], &c->done, &flushed)) < 0) {
+            return err;
+        }
+    }
+    return 0;
+}
+
+typedef Py_ssize_t (*put_fn)(udp_io_t *, wcall_t *, Py_ssize_t, uint8_t *, Py_ssize_t);
+
+/* write and write_gso: each buffer from offset on through `put`, then the
+ * last sendmmsg. Returns (done, err, ok, run, refused, eio). */
+static PyObject *
+write_batch(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs, const char *name, put_fn put)
+{
+    Py_ssize_t count, offset;
+    int gso;
+    Py_buffer *views = write_args(args, nargs, name, &count, &offset, &gso);
+    if (views == NULL) {
+        return NULL;
+    }
+    wcall_t c = {{0, 0, MAX_MSGS * self->max_segments, 0, 0, 0, 0}, {0, 0, 0, 0, gso}, 0, count};
+    Py_ssize_t err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count && err == 0; i++) {
+        Py_buffer *v = &views[i];
+        Py_ssize_t start = offset < v->len ? offset : v->len;
+        err = put(self, &c, i, (uint8_t *)v->buf + start, v->len - start);
+    }
+    if (err == 0) {
+        err = flush(self, &c.o, &c.w, &c.done);
+    }
+    Py_END_ALLOW_THREADS
+    release_bufs(views, count);
+    return Py_BuildValue("(nnnnni)", err < 0 ? c.done : count, err, c.w.ok, c.w.run,
+                         c.w.refused, c.w.eio);
 }
 
 PyDoc_STRVAR(uio_write_doc,
@@ -690,29 +798,7 @@ PyDoc_STRVAR(uio_write_doc,
 static PyObject *
 uio_write(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t count, offset;
-    int gso;
-    Py_buffer *views = write_args(args, nargs, "write", &count, &offset, &gso);
-    if (views == NULL) {
-        return NULL;
-    }
-    wstat_t w = {0, 0, 0, 0, gso};
-    outbox_t o = {0, 0, MAX_MSGS * self->max_segments, 0, 0, 0, 0};
-    Py_ssize_t done = count, err = 0;
-    int flushed = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < count && err == 0; i++) {
-        Py_buffer *v = &views[i];
-        Py_ssize_t start = offset < v->len ? offset : v->len;
-        err = append(self, &o, &w, i, (uint8_t *)v->buf + start, v->len - start, &done,
-                     &flushed);
-    }
-    if (err == 0) {
-        err = flush(self, &o, &w, &done);
-    }
-    Py_END_ALLOW_THREADS
-    release_bufs(views, count);
-    return write_result(err < 0 ? done : count, err, &w);
+    return write_batch(self, args, nargs, "write", put_plain);
 }
 
 PyDoc_STRVAR(uio_write_gso_doc,
@@ -726,94 +812,7 @@ PyDoc_STRVAR(uio_write_gso_doc,
 static PyObject *
 uio_write_gso(udp_io_t *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t count, at;
-    int gso;
-    Py_buffer *views = write_args(args, nargs, "write_gso", &count, &at, &gso);
-    if (views == NULL) {
-        return NULL;
-    }
-    wstat_t w = {0, 0, 0, 0, gso};
-    outbox_t o = {0, 0, MAX_MSGS * self->max_segments, 0, 0, 0, 0};
-    Py_ssize_t done = count, err = 0;
-    uint8_t **outs = PyMem_Malloc(sizeof(uint8_t *) * MAX_SPLIT);
-    Py_ssize_t *lens = PyMem_Malloc(sizeof(Py_ssize_t) * MAX_SPLIT);
-    if (outs == NULL || lens == NULL) {
-        PyMem_Free(outs);
-        PyMem_Free(lens);
-        release_bufs(views, count);
-        return PyErr_NoMemory();
-    }
-    Py_BEGIN_ALLOW_THREADS
-    Py_ssize_t wpos = 0; /* bytes of wbuf in use: the segments the outbox points at */
-    for (Py_ssize_t i = 0; i < count && err == 0; i++) {
-        Py_buffer *v = &views[i];
-        Py_ssize_t start = at < v->len ? at : v->len;
-        const uint8_t *data = (const uint8_t *)v->buf + start;
-        Py_ssize_t len = v->len - start;
-        Py_ssize_t hdr_len;
-        Py_ssize_t segments = gso_check(data, len, &hdr_len);
-        if (segments == 0 || segments > MAX_SPLIT) {
-            self->malformed_written++;
-            continue;
-        }
-        Py_ssize_t ip_len = len - VNET_HDR_LEN;
-        uint8_t *ip = (uint8_t *)data + VNET_HDR_LEN;
-        int flushed = 0;
-        if (hdr_len == 0 && !(data[VNET_FLAGS] & VIRTIO_NET_HDR_F_NEEDS_CSUM)) {
-            err = append(self, &o, &w, i, ip, ip_len, &done, &flushed); /* as it is */
-            if (flushed) {
-                wpos = 0;
-            }
-            continue;
-        }
-        split_plan_t pl;
-        Py_ssize_t need, seg_len;
-        if (hdr_len) {
-            split_plan_checked(&pl, data, len, hdr_len);
-            seg_len = pl.hdr_len + pl.gso_size;
-            need = (pl.count - 1) * seg_len + pl.last_len;
-        }
-        else {
-            seg_len = need = ip_len;
-        }
-        if (wpos + need > WBUF_LEN) {
-            if ((err = flush(self, &o, &w, &done)) < 0) {
-                break;
-            }
-            wpos = 0;
-        }
-        uint8_t *base = self->wbuf + wpos;
-        if (hdr_len) {
-            for (Py_ssize_t k = 0; k < pl.count; k++) {
-                outs[k] = base + k * seg_len;
-            }
-            split_write(&pl, outs, lens);
-            self->gso_written++;
-        }
-        else {
-            /* split's copy_through: the partial checksum completed (skb_checksum_help). */
-            Py_ssize_t cs = host16(data + VNET_CSUM_START);
-            Py_ssize_t field = cs + host16(data + VNET_CSUM_OFFSET);
-            memcpy(base, ip, (size_t)ip_len);
-            uint32_t value = ~ones_sum_raw(base + cs, (size_t)(ip_len - cs), 0) & 0xFFFF;
-            put16(base + field, value ? value : 0xFFFF);
-            outs[0] = base;
-            lens[0] = ip_len;
-        }
-        wpos += need;
-        /* A flush in here keeps wbuf: this super-packet's segments are there. */
-        for (Py_ssize_t k = 0; k < segments && err == 0; k++) {
-            err = append(self, &o, &w, i, outs[k], lens[k], &done, &flushed);
-        }
-    }
-    if (err == 0) {
-        err = flush(self, &o, &w, &done);
-    }
-    Py_END_ALLOW_THREADS
-    PyMem_Free(outs);
-    PyMem_Free(lens);
-    release_bufs(views, count);
-    return write_result(err < 0 ? done : count, err, &w);
+    return write_batch(self, args, nargs, "write_gso", put_gso);
 }
 
 /* -------------------------------------------------------------------------- */
@@ -863,6 +862,8 @@ uio_free_mem(udp_io_t *self)
     PyMem_Free(self->wiov);
     PyMem_Free(self->wctl);
     PyMem_Free(self->wbuf_of);
+    PyMem_Free(self->wouts);
+    PyMem_Free(self->wlens);
     PyMem_Free(self->amsgs);
     self->rbuf = NULL;
     self->rmsgs = NULL;
@@ -876,6 +877,8 @@ uio_free_mem(udp_io_t *self)
     self->wiov = NULL;
     self->wctl = NULL;
     self->wbuf_of = NULL;
+    self->wouts = NULL;
+    self->wlens = NULL;
     self->amsgs = NULL;
 }
 
@@ -970,11 +973,13 @@ uio_init(udp_io_t *self, PyObject *args, PyObject *kwds)
     self->wiov = PyMem_Calloc((size_t)(MAX_MSGS * max_segments), sizeof(struct iovec));
     self->wctl = PyMem_Calloc(MAX_MSGS, WCTL_LEN);
     self->wbuf_of = PyMem_Calloc(MAX_MSGS, sizeof(Py_ssize_t));
+    self->wouts = PyMem_Calloc(MAX_SPLIT, sizeof(uint8_t *));
+    self->wlens = PyMem_Calloc(MAX_SPLIT, sizeof(Py_ssize_t));
     self->amsgs = PyMem_Calloc((size_t)max_segments, sizeof(struct mmsghdr));
     if (batch_alloc(&self->batch, self->pending_cap) < 0 || !self->rbuf || !self->rmsgs ||
         !self->riov || !self->rnames || !self->rctl || !self->pending || !self->done ||
         !self->wbuf || !self->wmsgs || !self->wiov || !self->wctl || !self->wbuf_of ||
-        !self->amsgs) {
+        !self->wouts || !self->wlens || !self->amsgs) {
         uio_free_mem(self);
         PyErr_NoMemory();
         goto out;
