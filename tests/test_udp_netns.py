@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from netns_util import netns_factory, ns_run, ns_socket, root, tcp_transfer  # noqa: F401
@@ -59,7 +63,11 @@ def _veth(ns_a: str, ns_b: str) -> None:
 def _side(
     ns: str, sock: socket.socket, peer: tuple[str, int], over4: str, over6: str, offload: bool
 ) -> Side:
-    udp = UdpTun(sock, peer)
+    try:
+        udp = UdpTun(sock, peer)
+    except BaseException:
+        sock.close()  # on an error the socket stays ours
+        raise
     try:
         device = tunkit.create_tun(netns=ns, mtu=udp.mtu(), offload=offload)
     except BaseException:
@@ -105,7 +113,11 @@ def tunnel(
         socks.append(s)
     port_a, port_b = socks[0].getsockname()[1], socks[1].getsockname()[1]
     offload = request.param.startswith("offload")
-    a = _side(ns_a, socks[0], (UNDER_B, port_b), OVER_A4, OVER_A6, offload)
+    try:
+        a = _side(ns_a, socks[0], (UNDER_B, port_b), OVER_A4, OVER_A6, offload)
+    except BaseException:
+        socks[1].close()
+        raise
     try:
         b = _side(ns_b, socks[1], (UNDER_A, port_a), OVER_B4, OVER_B6, offload)
     except BaseException:
@@ -146,3 +158,48 @@ def test_tcp_across_the_tunnel_arrives_intact_in_64k_system_calls(tunnel: Tunnel
         assert sb.gro_coalesced > sb.gso_read
         assert sa.packets_written > 10 * sa.gso_sends
     assert sa.dropped_malformed == sb.dropped_malformed == 0
+
+
+def _readme_script(name: str) -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", readme, re.S):
+        if block.startswith(f"# {name}: "):
+            return str(block)
+    raise AssertionError(f"README.md has no {name} block")
+
+
+def test_the_readme_tunnel_script_carries_ping(
+    netns_factory: Callable[[str], str], tmp_path: Path  # noqa: F811
+) -> None:
+    """README's tunnel.py, one process per end in two namespaces joined by a veth."""
+    script = tmp_path / "tunnel.py"
+    script.write_text(_readme_script("tunnel.py"))
+    ns = (netns_factory("rma"), netns_factory("rmb"))
+    _veth(*ns)
+    ends = []
+    try:
+        for i, (under, over) in enumerate(((UNDER_B, OVER_A4), (UNDER_A, OVER_B4))):
+            ends.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns[i], sys.executable, str(script), "4790",
+                 f"{under}:4790", f"{over}/24"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))
+        for end, over in zip(ends, (OVER_A4, OVER_B4), strict=True):
+            assert end.stdout is not None
+            line = end.stdout.readline()
+            why = end.stderr.read() if end.stderr and not line else ""
+            assert line.startswith(f"tunnel0 {over}/24 <-> "), line + why
+            assert line.rstrip().endswith("MTU 1472")
+        out = ns_run(ns[0], "ping", "-c", "3", "-i", "0.2", "-W", "3", OVER_B4, check=False)
+        assert " 0% packet loss" in out.stdout, out.stdout + out.stderr
+    finally:
+        for end in ends:
+            if end.poll() is None:
+                end.send_signal(signal.SIGINT)  # Ctrl-C: the script ends cleanly
+        for end in ends:
+            try:
+                end.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                end.kill()
+                end.communicate()
+    assert [end.returncode for end in ends] == [0, 0]
