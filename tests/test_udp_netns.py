@@ -23,6 +23,7 @@ from tunkit.transport import udp as udp_mod
 from tunkit.transport.udp import UdpTun
 
 UNDER_A, UNDER_B = "10.79.0.1", "10.79.0.2"  # the veth underlay
+UNDER6_A, UNDER6_B = "fd00:79::1", "fd00:79::2"  # and in IPv6
 OVER_A4, OVER_B4 = "10.77.0.1", "10.77.0.2"  # the tunnel's overlay
 OVER_A6, OVER_B6 = "fd00:77::1", "fd00:77::2"
 
@@ -54,8 +55,9 @@ def _veth(ns_a: str, ns_b: str) -> None:
          "netns", ns_b],
         check=True, capture_output=True,
     )
-    for ns, dev, addr in ((ns_a, va, UNDER_A), (ns_b, vb, UNDER_B)):
+    for ns, dev, addr, addr6 in ((ns_a, va, UNDER_A, UNDER6_A), (ns_b, vb, UNDER_B, UNDER6_B)):
         ns_run(ns, "ip", "addr", "add", f"{addr}/24", "dev", dev)
+        ns_run(ns, "ip", "addr", "add", f"{addr6}/64", "dev", dev, "nodad")
         ns_run(ns, "ip", "link", "set", dev, "up")
         ns_run(ns, "ip", "link", "set", "lo", "up")
 
@@ -94,32 +96,35 @@ def _side(
     return Side(ns, device, udp, thread, errors)
 
 
-@pytest.fixture(params=["offload", "offload-pure", "nooffload"])
+@pytest.fixture(params=["offload", "offload-pure", "nooffload", "offload-ipv6-underlay"])
 def tunnel(
     request: pytest.FixtureRequest,
     netns_factory: Callable[[str], str],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Tunnel]:
     """Two namespaces joined by a veth, a tunnel across: NativeTuns with offload and UdpTuns
-    on the C calls (UdpIo) or on the pure path, or NativeTuns without offload."""
+    on the C calls (UdpIo) or on the pure path, or NativeTuns without offload; the UDP over
+    IPv4, or IPv6."""
     if request.param == "offload-pure":
         monkeypatch.setattr(udp_mod, "_udp_io", None)
     ns_a, ns_b = netns_factory("udpa"), netns_factory("udpb")
     _veth(ns_a, ns_b)
+    v6 = request.param.endswith("ipv6-underlay")
+    under_a, under_b = (UNDER6_A, UNDER6_B) if v6 else (UNDER_A, UNDER_B)
     socks = []
-    for ns, addr in ((ns_a, UNDER_A), (ns_b, UNDER_B)):
-        s = ns_socket(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    for ns, addr in ((ns_a, under_a), (ns_b, under_b)):
+        s = ns_socket(ns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((addr, 0))
         socks.append(s)
     port_a, port_b = socks[0].getsockname()[1], socks[1].getsockname()[1]
     offload = request.param.startswith("offload")
     try:
-        a = _side(ns_a, socks[0], (UNDER_B, port_b), OVER_A4, OVER_A6, offload)
+        a = _side(ns_a, socks[0], (under_b, port_b), OVER_A4, OVER_A6, offload)
     except BaseException:
         socks[1].close()
         raise
     try:
-        b = _side(ns_b, socks[1], (UNDER_A, port_a), OVER_B4, OVER_B6, offload)
+        b = _side(ns_b, socks[1], (under_a, port_a), OVER_B4, OVER_B6, offload)
     except BaseException:
         a.device.close()
         a.thread.join(10)
@@ -137,7 +142,9 @@ def tunnel(
 
 
 def test_ping_crosses_the_tunnel_both_families(tunnel: Tunnel) -> None:
-    assert tunnel.a.udp.mtu() == 1500 - 28  # the veth's MTU less IPv4 and UDP
+    # the veth's MTU less IPv4 (or IPv6) and UDP
+    v6 = tunnel.a.udp.local_address[0].startswith("fd00")
+    assert tunnel.a.udp.mtu() == 1500 - (48 if v6 else 28)
     for target in (OVER_B4, OVER_B6):
         out = ns_run(tunnel.ns_a, "ping", "-c", "3", "-i", "0.2", "-W", "3", target, check=False)
         assert out.returncode == 0, out.stdout + out.stderr

@@ -52,6 +52,7 @@ class UdpIo:
         family: int,
         addr: bytes,
         port: int,
+        scope_id: int,
         slot: int,
         nslots: int,
         mtu: int,

@@ -892,16 +892,17 @@ uio_dealloc(udp_io_t *self)
 static int
 uio_init(udp_io_t *self, PyObject *args, PyObject *kwds)
 {
-    static char *names[] = {"fd",     "wake",     "family",       "addr",        "port",
-                            "slot",   "nslots",   "mtu",          "max_segments", "max_payload",
-                            "lost",   NULL};
+    static char *names[] = {"fd",           "wake",        "family", "addr", "port",
+                            "scope_id",     "slot",        "nslots", "mtu",  "max_segments",
+                            "max_payload",  "lost",        NULL};
     int fd, wake, family, port;
+    unsigned int scope_id;
     Py_buffer addr;
     Py_ssize_t slot, nslots, mtu, max_segments, max_payload;
     PyObject *lost;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiy*innnnnO:UdpIo", names, &fd, &wake,
-                                     &family, &addr, &port, &slot, &nslots, &mtu, &max_segments,
-                                     &max_payload, &lost)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiy*iInnnnnO:UdpIo", names, &fd, &wake,
+                                     &family, &addr, &port, &scope_id, &slot, &nslots, &mtu,
+                                     &max_segments, &max_payload, &lost)) {
         return -1;
     }
     int ok = 0;
@@ -928,6 +929,7 @@ uio_init(udp_io_t *self, PyObject *args, PyObject *kwds)
         a->sin6_family = AF_INET6;
         a->sin6_port = htons((uint16_t)port);
         memcpy(&a->sin6_addr, addr.buf, 16);
+        a->sin6_scope_id = scope_id; /* a link-local peer's interface */
         self->peer_len = sizeof *a;
     }
     else {
@@ -1001,9 +1003,10 @@ static PyMethodDef uio_methods[] = {
 };
 
 PyDoc_STRVAR(uio_doc,
-"UdpIo(fd, wake, family, addr, port, slot, nslots, mtu, max_segments, max_payload, lost)\n--\n\n"
+"UdpIo(fd, wake, family, addr, port, scope_id, slot, nslots, mtu, max_segments,\n"
+"      max_payload, lost)\n--\n\n"
 "The system calls of a UdpTun's non-blocking UDP socket *fd* to one peer\n"
-"(*family*, packed *addr*, *port*): receives of *nslots* slots of *slot*\n"
+"(*family*, packed *addr*, *port*, IPv6 *scope_id*): receives of *nslots* slots of *slot*\n"
 "bytes (a UDP_GRO read, or one datagram), datagrams above *mtu* dropped;\n"
 "sends of at most *max_segments* datagrams and *max_payload* bytes per\n"
 "UDP_SEGMENT message; *lost*, the errnos of a send the network lost. *wake*\n"

@@ -435,6 +435,7 @@ class UdpTun:
             self._family,
             socket.inet_pton(self._family, host.split("%")[0]),
             port,
+            self._peer_addr[3] if len(self._peer_addr) > 3 else 0,
             self._slot,
             max(1, min(BATCH, len(self._rbuf) // self._slot)),
             self._mtu,
