@@ -12,7 +12,8 @@ SPEC_NAMES = {
     "ReadOnClosedPipeError", "WriteOnClosedPipeError", "Channel", "pipe", "TunIO", "copy",
     "CallbackTun", "Forwarder", "Point2Point", "BufferPool", "Pool", "DebugPool", "GsoTun",
     "create_tun", "open_tun", "NativeTun", "TunStats", "TunError", "ClosedError",
-    "OffsetError", "RetryableError", "TooManySegmentsError", "BufferPoolError", "UdpTun",
+    "OffsetError", "RetryableError", "TooManySegmentsError", "BufferPoolError",
+    "attach_tun", "delete_tun", "send_tun", "recv_tun", "UdpTun",
 }
 
 
