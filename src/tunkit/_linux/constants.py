@@ -91,10 +91,6 @@ IFLA_TUN_NUM_DISABLED_QUEUES: Final = 9  # u32
 UDP_SEGMENT: Final = 103  # setsockopt/cmsg: send one buffer as datagrams of this size (GSO)
 UDP_GRO: Final = 104  # setsockopt: coalesce received datagrams; cmsg: their size
 
-# <linux/udp.h>: options at level SOL_UDP (17). Python 3.11's socket module lacks them.
-UDP_SEGMENT: Final = 103  # setsockopt/cmsg: send one buffer as datagrams of this size (GSO)
-UDP_GRO: Final = 104  # setsockopt: coalesce received datagrams; cmsg: their size
-
 # <linux/in.h>, <linux/in6.h>: the path MTU of a connected socket (getsockopt).
 IP_MTU: Final = 14  # level IPPROTO_IP
 IPV6_MTU: Final = 24  # level IPPROTO_IPV6
