@@ -10,18 +10,23 @@ segments came from.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conformance import Harness, TunConformance, in_thread, read_packets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from netns_util import need_tool
 from packets import TCP, UDP, Flow, payload_bytes
 
 import tunkit
@@ -526,6 +531,91 @@ def test_eio_turns_gso_off_for_good_and_loses_nothing() -> None:
             assert recv_all(receiver, 5) == plain
     finally:
         receiver.close()
+
+
+# The kernel's side of the seam: a preloaded shim whose sendmsg and sendmmsg answer EIO
+# for a message with UDP_SEGMENT, as udp_send_skb does for a route that cannot take it
+# (xfrm), and pass every other message to the real call. Both paths meet it.
+_EIO_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <netinet/udp.h>
+#include <sys/socket.h>
+
+static int segmented(const struct msghdr *h) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR((struct msghdr *)h, c))
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_SEGMENT) return 1;
+    return 0;
+}
+ssize_t sendmsg(int fd, const struct msghdr *h, int flags) {
+    ssize_t (*real)(int, const struct msghdr *, int) = dlsym(RTLD_NEXT, "sendmsg");
+    if (segmented(h)) { errno = EIO; return -1; }
+    return real(fd, h, flags);
+}
+int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags) {
+    int (*real)(int, struct mmsghdr *, unsigned int, int) = dlsym(RTLD_NEXT, "sendmmsg");
+    unsigned int k = 0;
+    while (k < n && !segmented(&v[k].msg_hdr)) k++;
+    if (n && !k) { errno = EIO; return -1; }
+    return real(fd, v, k, flags);
+}
+"""
+
+_EIO_RUN = """
+import json, socket, sys
+sys.path.insert(0, sys.argv[2])
+from packets import Flow, payload_bytes
+from tunkit.transport import udp
+if sys.argv[1] == "pure":
+    udp._udp_io = None
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.bind(("127.0.0.1", 0))
+rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+rx.settimeout(5)
+tun = udp.UdpTun(("127.0.0.1", 0), rx.getsockname())
+flow = Flow()
+sps = [flow.super_packet(payload_bytes(30000, i), 1400, seq=i * 30000) for i in range(3)]
+payloads = [payload_bytes(30000, i) for i in range(3)]
+expected = [s for i, p in enumerate(payloads) for s in flow.segments(p, 1400, seq=i * 30000)]
+plain = [flow.packet(payload_bytes(700, i)) for i in range(6)]
+n = tun.write_gso([bytes(6) + sp for sp in sps]) + tun.write(plain)
+got = [rx.recv(70000) for _ in range(len(expected) + len(plain))]
+st = tun.stats()
+print(json.dumps({"written": n, "same": got == expected + plain, "c": tun._io is not None,
+                  "gso_fallback": st.gso_fallback, "udp_gso": st.udp_gso,
+                  "gso_sends": st.gso_sends, "packets_written": st.packets_written,
+                  "expected": len(expected) + len(plain)}))
+tun.close()
+"""
+
+
+def test_eio_from_the_kernel_turns_gso_off_and_loses_nothing(
+    udp_path: str, tmp_path: Path
+) -> None:
+    """The kernel refuses UDP_SEGMENT with EIO (a preloaded shim stands in for it): the
+    first super-packet goes datagram by datagram, GSO is off from there on, all arrives."""
+    gcc = need_tool("gcc")
+    shim_c = tmp_path / "eio.c"
+    shim_c.write_text(_EIO_SHIM)
+    shim = tmp_path / "eio.so"
+    subprocess.run([gcc, "-shared", "-fPIC", "-o", str(shim), str(shim_c), "-ldl"], check=True)
+    # after what is preloaded already (the sanitizers' runtime must stay first)
+    preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD", ""), str(shim)]))
+    env = {**os.environ, "LD_PRELOAD": preload}
+    here = str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _EIO_RUN, udp_path, here],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["c"] == (udp_path == "c")
+    assert out["written"] == 9
+    assert out["same"], "the datagrams that arrived differ from the segments sent"
+    assert out["gso_fallback"] == 1 and out["udp_gso"] == 0
+    assert out["gso_sends"] == 0
+    assert out["packets_written"] == out["expected"]
 
 
 def test_refused_segments_go_apart_and_enough_refusals_turn_gso_off() -> None:
