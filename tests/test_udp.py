@@ -183,6 +183,7 @@ def test_default_mtu_follows_the_route_and_the_family() -> None:
         assert tun.mtu() == 1500 - 20 - 8
     with UdpTun((LOOP6, 0), (LOOP6, 9)) as tun:
         assert tun.mtu() == 65536 - 40 - 8
+        assert tun.name() == f"udp:[::1]:{tun.local_address[1]}"
     with UdpTun((LOOP4, 0), (LOOP4, 9), mtu=1400) as tun:
         assert tun.mtu() == 1400
 

@@ -369,7 +369,8 @@ class UdpTun:
         self._sock = sock
         self._family = family
         self._mtu = mtu
-        self._name = f"udp:{local_addr[0]}:{local_addr[1]}"
+        host = local_addr[0] if family == socket.AF_INET else f"[{local_addr[0]}]"
+        self._name = f"udp:{host}:{local_addr[1]}"
         self._local = local_addr
         self._events = Events(Event.UP)
         self._read_lock = self._fd.read_lock
@@ -411,7 +412,6 @@ class UdpTun:
         self._seg_len = 0
         self._seg_views: list[memoryview] = []
         self._seg_sizes = [0] * _MAX_SPLIT
-        self._seg_cmsg: list[tuple[int, int, bytes]] = []
         self._packets_written = 0
         self._bytes_written = 0
         self._dropped_write = 0
@@ -426,24 +426,27 @@ class UdpTun:
             self._start_c()
 
     def _start_c(self) -> None:
-        """Make the C calls for the peer, if they are to be used."""
+        """Make the C calls for the peer, if they are to be used (else the pure path serves)."""
         if not self._use_c or _udp_io is None:
             return
-        host, port = self._peer_addr[0], self._peer_addr[1]
-        self._io = _udp_io(
-            self._fd.fd,
-            self._fd.wake_fd,
-            self._family,
-            socket.inet_pton(self._family, host.split("%")[0]),
-            port,
-            self._peer_addr[3] if len(self._peer_addr) > 3 else 0,
-            self._slot,
-            max(1, min(BATCH, len(self._rbuf) // self._slot)),
-            self._mtu,
-            MAX_SEGMENTS,
-            MAX_PAYLOAD,
-            tuple(_LOST_ON_SEND),
-        )
+        peer = self._peer_addr
+        try:
+            self._io = _udp_io(
+                self._fd.fd,
+                self._fd.wake_fd,
+                self._family,
+                socket.inet_pton(self._family, peer[0].split("%")[0]),
+                peer[1],
+                peer[3] if len(peer) > 3 else 0,  # an IPv6 peer's scope id
+                self._slot,
+                max(1, min(BATCH, len(self._rbuf) // self._slot)),
+                self._mtu,
+                MAX_SEGMENTS,
+                MAX_PAYLOAD,
+                tuple(_LOST_ON_SEND),
+            )
+        except (MemoryError, ValueError):
+            self._use_c = False
 
     # -- read side ----------------------------------------------------------------
 
@@ -896,7 +899,7 @@ class UdpTun:
         return self._mtu
 
     def name(self) -> str:
-        """``"udp:<local host>:<local port>"``."""
+        """``"udp:<local host>:<local port>"`` (an IPv6 host in brackets)."""
         return self._name
 
     def events(self) -> Events:
