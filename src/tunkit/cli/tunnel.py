@@ -1,9 +1,10 @@
 """``tunkit tunnel``: one end of a point-to-point IP tunnel, a TUN device joined to a peer.
 
 The device is made (or attached to, if a persistent one of that name exists)
-and configured; the transport is a stream (``tcp``, ``tls``: a
-:class:`~tunkit.StreamTun` per connection); :func:`tunkit.copy` joins the
-two. The main thread prints counters and waits for Ctrl-C or SIGTERM, which
+and configured; the transport is a :class:`~tunkit.UdpTun` (``udp``) or a
+stream (``tcp``, ``tls``: a :class:`~tunkit.StreamTun` per connection);
+:func:`tunkit.copy` joins the two (device and UdpTun exchange super-packets
+whole). The main thread prints counters and waits for Ctrl-C or SIGTERM, which
 reach it as ``KeyboardInterrupt``.
 
 A stream end does not stop the tunnel: a ``--listen`` end takes the next
@@ -36,6 +37,7 @@ from .._errors import TunError
 from .._linux.device import NativeTun, TunStats, create_tun, open_tun
 from .._linux.netns import inside, open_netns
 from ..transport.stream import MAX_FRAME, StreamTun
+from ..transport.udp import UdpTun
 from .preflight import HelpFormatter, UsageError, positive, positive_float, require
 
 __all__ = ["TUNNEL_HELP", "add_parser", "run"]
@@ -48,6 +50,9 @@ totals and exits 0). Counters are printed every few seconds.
 
 One end listens (--listen HOST:PORT), the other connects to it (--connect
 HOST:PORT). Transports:
+  udp  one packet per UDP datagram (IP-in-UDP), with UDP GSO/GRO: the
+       fastest, and NOT encrypted or authenticated (it says so at start);
+       the --listen end takes the first source it hears as its peer
   tcp  packets as length-prefixed frames over one TCP connection
   tls  the same inside TLS with certificates on both sides: --cert and --key
        are this end's certificate and key, --ca the authority that signed the
@@ -145,7 +150,7 @@ def add_parser(sub: Any) -> None:
     where = tunnel.add_mutually_exclusive_group(required=True)
     where.add_argument("--listen", metavar="HOST:PORT", help="wait for the peer here")
     where.add_argument("--connect", metavar="HOST:PORT", help="reach the peer there")
-    tunnel.add_argument("--transport", choices=("tcp", "tls"), default="tcp",
+    tunnel.add_argument("--transport", choices=("udp", "tcp", "tls"), default="udp",
                         help="how packets travel")
     tunnel.add_argument("--dev", metavar="NAME",
                         help="device name (default: the kernel picks, tun0 ...); the name of "
@@ -154,7 +159,8 @@ def add_parser(sub: Any) -> None:
                         help="address of the device, like 10.7.0.1/24 or fd00:7::1/64 "
                         "(repeatable)")
     tunnel.add_argument("--mtu", type=positive, metavar="N",
-                        help=f"device MTU (default: {STREAM_MTU}); the same on both ends")
+                        help=f"device MTU (default: {STREAM_MTU} over tcp and tls; over udp "
+                        "the route's MTU less the IP and UDP headers); the same on both ends")
     tunnel.add_argument("--netns", metavar="NS",
                         help="network namespace (as 'ip netns' names them) of the device "
                         "and of the transport's socket")
@@ -226,11 +232,13 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _family(endpoint: Endpoint, ns: str | None) -> tuple[int, Any]:
+def _family(
+    endpoint: Endpoint, ns: str | None, kind: int = socket.SOCK_STREAM
+) -> tuple[int, Any]:
     """The address family and socket address of *endpoint* (resolved in *ns*)."""
     with inside(ns):
         try:
-            infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(endpoint.host, endpoint.port, type=kind)
         except socket.gaierror as exc:
             raise UsageError(f"{endpoint.option} {endpoint}: {exc.strerror}") from None
     family, _, _, _, sockaddr = infos[0]
@@ -324,7 +332,7 @@ def _counter_line(totals: _Totals, session: _Session | None) -> str:
     sent, sent_bytes = totals.sent, totals.sent_bytes
     received, received_bytes, dropped = totals.received, totals.received_bytes, totals.dropped
     if session is not None:
-        s, d = session.stream.stats(), session.device.stats()
+        s, d = session.link.stats(), session.device.stats()
         sent += s.packets_written
         sent_bytes += s.bytes_written
         received += s.packets_read
@@ -341,11 +349,11 @@ def _counter_line(totals: _Totals, session: _Session | None) -> str:
 
 
 class _Session:
-    """``copy(device, stream)`` on a thread of its own, for one connection."""
+    """``copy(device, link)`` on a thread of its own: one connection, or the UDP transport."""
 
-    def __init__(self, device: NativeTun, stream: StreamTun) -> None:
+    def __init__(self, device: NativeTun, link: StreamTun | UdpTun) -> None:
         self.device = device
-        self.stream = stream
+        self.link = link
         self.error: BaseException | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"tunkit-tunnel:{device.name()}"
@@ -354,7 +362,7 @@ class _Session:
 
     def _run(self) -> None:
         try:
-            copy(self.device, self.stream)
+            copy(self.device, self.link)
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 
@@ -363,7 +371,7 @@ class _Session:
 
     def end(self) -> None:
         """Close both ends (copy then returns) and wait for the thread."""
-        self.stream.close()
+        self.link.close()
         self.device.close()
         self.thread.join()
 
@@ -497,16 +505,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
     tls = _tls_context(args, server=listen) if args.transport == "tls" else None
     if tls is None and (args.cert or args.key or args.ca):
         raise UsageError("--cert, --key and --ca are for --transport tls")
-    mtu = args.mtu or STREAM_MTU
-    if mtu > MAX_FRAME:
-        raise UsageError(f"--mtu {mtu}: a stream frame carries at most {MAX_FRAME} bytes")
+    if args.mtu is not None and args.mtu > MAX_FRAME:
+        raise UsageError(f"--mtu {args.mtu}: a packet carries at most {MAX_FRAME} bytes")
     with contextlib.ExitStack() as stack:
-        role: _Listener | _Connector
-        if listen:
+        role: _Listener | _Connector | UdpTun
+        if args.transport == "udp":
+            role = stack.enter_context(_udp(endpoint, listen, args.netns, args.mtu, console))
+            mtu = role.mtu()
+        elif listen:
             role = _Listener(endpoint, args.netns, tls, console)
+            stack.callback(role.close)
+            mtu = args.mtu or STREAM_MTU
         else:
             role = _Connector(endpoint, args.netns, tls, console)
-        stack.callback(role.close)
+            mtu = args.mtu or STREAM_MTU
         device = stack.enter_context(_open_device(args, mtu))
         where = f" in namespace {args.netns}" if args.netns else ""
         addresses = ", ".join(args.address) or "no address"
@@ -515,15 +527,81 @@ def run(args: argparse.Namespace, console: Console) -> int:
              f"{args.transport}, {'listening on' if listen else 'connecting to'} {endpoint}")
         if args.transport == "tls":
             _say(console, "tls: encrypted; both ends prove their certificates")
+        if args.transport == "udp":
+            _say(console, UDP_WARNING)
         totals = _Totals()
         started = time.monotonic()
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM: how it stops
-            _serve(role, device, args, console, totals)
+            if isinstance(role, UdpTun):
+                _serve_udp(role, device, args, console, totals)
+            else:
+                _serve(role, device, args, console, totals)
         _say(console, f"stopped after {time.monotonic() - started:.1f} s; totals:")
         _say(console, _counter_line(totals, None))
     return 0
 
 
+UDP_WARNING: Final = (
+    "udp: NOT encrypted and NOT authenticated: anyone on the path can read and change "
+    "the packets, and anyone who can forge the peer's address can send packets into "
+    "this network; across a network you do not trust, use --transport tls"
+)
+
+
+def _udp(endpoint: Endpoint, listen: bool, ns: str | None, mtu: int | None,
+         console: Console) -> UdpTun:
+    """The UDP transport: bound to *endpoint* (--listen) or sending to it (--connect).
+
+    A --listen end takes the first source it hears as its peer, and keeps it.
+    So that a --connect end that is restarted comes back from the same
+    address, it binds the peer's port number too (on every address), as
+    tunnels over UDP usually do; only when that port is taken here does it
+    take any port, and say what that costs.
+    """
+    family, sockaddr = _family(endpoint, ns, socket.SOCK_DGRAM)
+    with inside(ns):  # the socket stays in the namespace it was made in
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        try:
+            sock.bind(sockaddr if listen else (wildcard, endpoint.port))
+        except OSError as exc:
+            if listen or exc.errno != errno.EADDRINUSE:
+                raise UsageError(f"{endpoint.option} {endpoint}: {_reason(exc)}") from None
+            sock.bind((wildcard, 0))
+            _say(console, f"udp: port {endpoint.port} is taken here: sending from port "
+                          f"{sock.getsockname()[1]}; the listener will not know this end "
+                          "again if it restarts")
+        peer = None if listen else (endpoint.host, endpoint.port)
+        try:
+            return UdpTun(sock, peer, mtu=mtu)  # takes the socket
+        except ValueError as exc:
+            raise UsageError(f"--mtu: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _serve_udp(udp: UdpTun, device: NativeTun, args: argparse.Namespace, console: Console,
+               totals: _Totals) -> None:
+    """Join *device* and *udp* until KeyboardInterrupt (or a failure, which ends the command)."""
+    totals.sessions = 1
+    session = _Session(device, udp)
+    peer = "the first peer heard" if args.listen else str(parse_endpoint("--connect",
+                                                                         args.connect))
+    _say(console, f"ready: {udp.name()} to {peer}")
+    next_line = time.monotonic() + args.interval
+    try:
+        while not session.done():
+            session.thread.join(_TICK)
+            if time.monotonic() >= next_line:
+                next_line += args.interval
+                _say(console, _counter_line(totals, session))
+    finally:
+        session.end()
+        totals.add(udp.stats(), device.stats())
+    if session.error is not None:
+        raise UsageError(f"the tunnel failed: {_reason(session.error)}")
 def _serve(role: _Listener | _Connector, device: NativeTun, args: argparse.Namespace,
            console: Console, totals: _Totals) -> None:
     """Run connections one after another until KeyboardInterrupt."""
@@ -560,7 +638,7 @@ def _serve(role: _Listener | _Connector, device: NativeTun, args: argparse.Names
                     # end a working one.)
                     stream = replacing.next_stream(mtu, block=False)
                     if stream is not None:
-                        _say(console, f"replacing {session.stream.name()}")
+                        _say(console, f"replacing {session.link.name()}")
                         session.end()
             first = totals.sessions == 1 and isinstance(role, _Connector)
             _ended(session, totals, console, role.endpoint if first else None)
@@ -570,7 +648,7 @@ def _serve(role: _Listener | _Connector, device: NativeTun, args: argparse.Names
             stream.close()
         if session is not None:
             session.end()
-            totals.add(session.stream.stats(), session.device.stats())
+            totals.add(session.link.stats(), session.device.stats())
 
 
 def _ended(session: _Session, totals: _Totals, console: Console,
@@ -581,7 +659,7 @@ def _ended(session: _Session, totals: _Totals, console: Console,
     refusal there is this end's to fix (UsageError).
     """
     session.end()
-    stats = session.stream.stats()
+    stats = session.link.stats()
     totals.add(stats, session.device.stats())
     error = session.error
     if endpoint is not None and isinstance(error, ssl.SSLError) and not stats.packets_read:
@@ -599,4 +677,4 @@ def _ended(session: _Session, totals: _Totals, console: Console,
         why = "the peer reset the connection" if reset else _reason(error)
     else:
         raise error
-    _say(console, f"disconnected: {session.stream.name()}: {why}")
+    _say(console, f"disconnected: {session.link.name()}: {why}")
