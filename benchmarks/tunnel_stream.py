@@ -9,6 +9,8 @@ Two network namespaces, A and B, joined by a veth pair (the "underlay", MTU
 - ``naive-udp``: the tunnel a Python user writes today, one process per side:
   a TUN device (no offload, inner MTU 1400), one thread doing ``os.read`` and
   ``sock.sendto`` per packet, another ``recvfrom`` and ``os.write``;
+- ``tunkit-udp``: a ``tunkit tunnel --transport udp`` process per side
+  (UdpTun with UDP GSO/GRO, its default MTU: the underlay's less 28);
 - ``tunkit-tcp``: a ``tunkit tunnel --transport tcp`` process per side
   (StreamTun over TCP, device MTU from ``--mtu``, default 9000 as
   ``tunkit tunnel``'s; the first one given is called ``tunkit-tcp``, the
@@ -116,7 +118,7 @@ def wait_connected(proc: subprocess.Popen[str], timeout: float = 20) -> None:
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"{proc.args!r} ended before it connected")
-        if line.startswith("connected:"):
+        if line.startswith(("connected:", "ready:")):
             return
     raise RuntimeError(f"{proc.args!r} did not connect")
 
@@ -167,7 +169,7 @@ def iperf(ns_a: str, ns_b: str, target: str, seconds: float) -> tuple[float, int
 def tunnel_procs(ns_a: str, ns_b: str, transport: str, mtu: int,
                  pki_dir: Path) -> list[subprocess.Popen[str]]:
     tunkit = [sys.executable, "-m", "tunkit", "tunnel", "--transport", transport,
-              "--mtu", str(mtu), "--interval", "3600"]
+              *(["--mtu", str(mtu)] if mtu else []), "--interval", "3600"]
     tls: dict[str, list[str]] = {"a": [], "b": []}
     if transport == "tls":
         for side, who in (("a", "server"), ("b", "client")):
@@ -224,7 +226,8 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     mtus = args.mtu or [9000]
-    setups: list[tuple[str, int]] = [("underlay", 1500), ("naive-udp", NAIVE_MTU)]
+    setups: list[tuple[str, int]] = [("underlay", 1500), ("naive-udp", NAIVE_MTU),
+                                     ("tunkit-udp", 0)]
     for kind in ("tcp", "tls"):
         for i, mtu in enumerate(mtus):
             setups.append((f"tunkit-{kind}" if i == 0 else f"tunkit-{kind}@{mtu}", mtu))
