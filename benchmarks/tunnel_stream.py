@@ -19,99 +19,34 @@ Two network namespaces, A and B, joined by a veth pair (the "underlay", MTU
   made with the ``cryptography`` package).
 
 Each is one iperf3 TCP stream from A to B for ``--seconds``; Gbit/s is what
-the receiver got. ``--repeat`` runs the whole set again (the machine is
-shared and noisy: compare figures of the same round). Needs root,
+the receiver got. The namespaces (fresh for each setup), the naive tunnel
+and iperf3 are those of ``benchmarks/tunnel_udp.py``, so the two benchmarks
+measure the same things. ``--repeat`` runs the whole set again (the machine
+is shared and noisy: compare figures of the same round). Needs root,
 /dev/net/tun, iproute2, iperf3 and ``cryptography`` (``pip install -e '.[test]'``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from tls_util import make_pki  # tests/tls_util.py: the throwaway CA
+from tunnel_udp import NAIVE_SIDE, OVER, UNDER, iperf, namespaces, start_sides, stop_sides
 
-from tunkit._linux.netns import create_netns, delete_netns, unique_netns_name
-
-UNDER_A, UNDER_B = "192.168.231.1", "192.168.231.2"
-OVER_A, OVER_B = "10.231.0.1", "10.231.0.2"
 TUNNEL_PORT = 5555
-IPERF_PORT = 5201
 NAIVE_MTU = 1400
-
-# One side of the naive tunnel: what a Python user writes first. argv: device
-# name, its address/prefix, local UDP (host, port), peer UDP (host, port), MTU.
-NAIVE = """
-    import fcntl, os, socket, struct, subprocess, sys, threading
-    name, cidr, lhost, lport, phost, pport = sys.argv[1:7]
-    TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
-    fd = os.open("/dev/net/tun", os.O_RDWR)
-    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
-    subprocess.run(["ip", "addr", "add", cidr, "dev", name], check=True)
-    subprocess.run(["ip", "link", "set", name, "mtu", sys.argv[7], "up"], check=True)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((lhost, int(lport)))
-    peer = (phost, int(pport))
-
-    def out():
-        while True:
-            sock.sendto(os.read(fd, 65536), peer)
-
-    def back():
-        while True:
-            data, _ = sock.recvfrom(65536)
-            try:
-                os.write(fd, data)
-            except OSError:
-                pass
-
-    threading.Thread(target=out, daemon=True).start()
-    print("connected:", flush=True)
-    back()
-"""
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-@contextlib.contextmanager
-def underlay() -> Iterator[tuple[str, str]]:
-    """Namespaces A and B joined by a veth pair with addresses UNDER_A and UNDER_B."""
-    a, b = unique_netns_name("tstream-a"), unique_netns_name("tstream-b")
-    made: list[str] = []
-    try:
-        for ns in (a, b):
-            create_netns(ns)
-            made.append(ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-        ip("-n", a, "link", "add", "ua", "type", "veth", "peer", "name", "ub", "netns", b)
-        ip("-n", a, "addr", "add", f"{UNDER_A}/24", "dev", "ua")
-        ip("-n", b, "addr", "add", f"{UNDER_B}/24", "dev", "ub")
-        ip("-n", a, "link", "set", "ua", "up")
-        ip("-n", b, "link", "set", "ub", "up")
-        yield a, b
-    finally:
-        for ns in made:
-            with contextlib.suppress(FileNotFoundError):
-                delete_netns(ns)
-
-
-def start(argv: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_connected(proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    """Wait for the line a ``tunkit tunnel`` prints once it carries packets."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -123,96 +58,51 @@ def wait_connected(proc: subprocess.Popen[str], timeout: float = 20) -> None:
     raise RuntimeError(f"{proc.args!r} did not connect")
 
 
-def stop(procs: list[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def iperf(ns_a: str, ns_b: str, target: str, seconds: float) -> tuple[float, int]:
-    """One TCP stream from *ns_a* to *target* in *ns_b*: (receiver Gbit/s, retransmits)."""
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", ns_b, "iperf3", "-s", "-1", "-B", target, "-p", str(IPERF_PORT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        report: dict[str, object] = {}
-        for _ in range(50):  # until the server listens
-            client = subprocess.run(
-                ["ip", "netns", "exec", ns_a, "iperf3", "-c", target, "-p", str(IPERF_PORT),
-                 "-t", f"{seconds:g}", "--json"],
-                capture_output=True, text=True, timeout=seconds + 60, check=False,
-            )
-            report = json.loads(client.stdout or "{}")
-            if "error" not in report or "connect" not in str(report["error"]):
-                break
-            time.sleep(0.1)
-        if "error" in report:
-            raise RuntimeError(f"iperf3: {report['error']}")
-        end = report["end"]
-        assert isinstance(end, dict)
-        return end["sum_received"]["bits_per_second"] / 1e9, int(
-            end["sum_sent"].get("retransmits", 0)
-        )
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
-
-
-def tunnel_procs(ns_a: str, ns_b: str, transport: str, mtu: int,
+def tunnel_procs(ns: tuple[str, str], transport: str, mtu: int,
                  pki_dir: Path) -> list[subprocess.Popen[str]]:
+    """A ``tunkit tunnel`` listening in ``ns[0]`` and one connecting from ``ns[1]``."""
     tunkit = [sys.executable, "-m", "tunkit", "tunnel", "--transport", transport,
               *(["--mtu", str(mtu)] if mtu else []), "--interval", "3600"]
-    tls: dict[str, list[str]] = {"a": [], "b": []}
-    if transport == "tls":
-        for side, who in (("a", "server"), ("b", "client")):
-            tls[side] = ["--cert", str(pki_dir / f"{who}.pem"), "--key",
-                         str(pki_dir / f"{who}.key"), "--ca", str(pki_dir / "ca.pem")]
-    a = start([*tunkit, "--listen", f"{UNDER_A}:{TUNNEL_PORT}", "--netns", ns_a,
-               "--address", f"{OVER_A}/24", *tls["a"]])
-    time.sleep(0.5)  # the listener first
-    b = start([*tunkit, "--connect", f"{UNDER_A}:{TUNNEL_PORT}", "--netns", ns_b,
-               "--address", f"{OVER_B}/24", *tls["b"]])
-    return [a, b]
-
-
-def naive_procs(ns_a: str, ns_b: str) -> list[subprocess.Popen[str]]:
-    code = textwrap.dedent(NAIVE)
-
-    def side(ns: str, cidr: str, local: str, peer: str) -> subprocess.Popen[str]:
-        return start(["ip", "netns", "exec", ns, sys.executable, "-c", code, "naive0", cidr,
-                      local, str(TUNNEL_PORT), peer, str(TUNNEL_PORT), str(NAIVE_MTU)])
-
-    return [side(ns_a, f"{OVER_A}/24", UNDER_A, UNDER_B),
-            side(ns_b, f"{OVER_B}/24", UNDER_B, UNDER_A)]
-
-
-def measure(name: str, ns_a: str, ns_b: str, seconds: float, mtu: int,
-            pki_dir: Path) -> dict[str, object]:
     procs: list[subprocess.Popen[str]] = []
     try:
-        if name == "underlay":
-            target = UNDER_B
-        else:
-            target = OVER_B
-            if name == "naive-udp":
-                procs = naive_procs(ns_a, ns_b)
+        for i, (role, who) in enumerate((("--listen", "server"), ("--connect", "client"))):
+            tls = ([] if transport != "tls" else
+                   ["--cert", str(pki_dir / f"{who}.pem"), "--key", str(pki_dir / f"{who}.key"),
+                    "--ca", str(pki_dir / "ca.pem")])
+            procs.append(subprocess.Popen(
+                [*tunkit, role, f"{UNDER[0]}:{TUNNEL_PORT}", "--netns", ns[i],
+                 "--address", f"{OVER[i]}/24", *tls],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            ))
+            if i == 0:
+                time.sleep(0.5)  # the listener first
+        for proc in procs:
+            wait_connected(proc)
+        return procs
+    except BaseException:
+        stop_sides(procs)
+        raise
+
+
+def measure(name: str, seconds: float, mtu: int, pki_dir: Path) -> dict[str, object]:
+    """One setup in two fresh namespaces: receiver Gbit/s and sender retransmits."""
+    with namespaces(name) as ns:
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            if name == "underlay":
+                target = UNDER[1]
             else:
-                procs = tunnel_procs(ns_a, ns_b, name.split("@")[0].split("-")[1], mtu, pki_dir)
-            for proc in procs:
-                wait_connected(proc)
-        gbit_s, retransmits = iperf(ns_a, ns_b, target, seconds)
-        return {"name": name, "gbit_s": gbit_s, "retransmits": retransmits, "mtu": mtu,
-                "streams": 1, "seconds": seconds}
-    finally:
-        stop(procs)
+                target = OVER[1]
+                if name == "naive-udp":
+                    procs = start_sides(NAIVE_SIDE, ns, str(NAIVE_MTU))
+                else:
+                    transport = name.split("@")[0].split("-")[1]
+                    procs = tunnel_procs(ns, transport, mtu, pki_dir)
+            gbit_s, retransmits = iperf(*ns, target, seconds, 1)
+        finally:
+            stop_sides(procs)
+    return {"name": name, "gbit_s": gbit_s, "retransmits": retransmits, "mtu": mtu,
+            "streams": 1, "seconds": seconds}
 
 
 def main() -> int:
@@ -234,14 +124,14 @@ def main() -> int:
     if args.only:
         setups = [s for s in setups if s[0] in args.only]
     results: list[dict[str, object]] = []
-    with tempfile.TemporaryDirectory() as tmp, underlay() as (ns_a, ns_b):
+    with tempfile.TemporaryDirectory() as tmp:
         pki_dir = Path(tmp)
-        make_pki(pki_dir, hosts=(UNDER_A,))
+        make_pki(pki_dir, hosts=(UNDER[0],))
         for round_ in range(1, args.repeat + 1):
             print(f"round {round_}:", flush=True)
             figures: dict[str, float] = {}
             for name, mtu in setups:
-                result = measure(name, ns_a, ns_b, args.seconds, mtu, pki_dir)
+                result = measure(name, args.seconds, mtu, pki_dir)
                 result["round"] = round_
                 results.append(result)
                 figures[name] = float(result["gbit_s"])  # type: ignore[arg-type]
