@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
+from blocking import signal_when_polling, wait_in_poll
 from netns_util import (  # noqa: F401
     DEVICE_KINDS,
     NativeHarness,
@@ -19,6 +19,7 @@ from netns_util import (  # noqa: F401
     netns_factory,
     root,
 )
+from reuse import occupy
 
 from tunkit import ClosedError
 from tunkit._linux import device as tk_device
@@ -52,7 +53,8 @@ def test_close_wakes_a_blocked_read_within_100_ms(
     thread = threading.Thread(target=reader, name="test-reader")
     thread.start()
     try:
-        time.sleep(0.2)
+        wait_in_poll(thread)  # blocked in the kernel, not returned, not spinning
+        thread.join(0.2)  # and it stays blocked
         assert thread.is_alive(), "read returned with nothing to read"
         started = time.monotonic()
         tun.close()
@@ -95,21 +97,14 @@ def _race_round(tun: NativeTun, pkt: bytes, delay: float) -> None:
     time.sleep(delay)
     fd = tun.fileno()
     tun.close()
-    # The closed number is free again: take it, and check no late call wrote to it.
-    r, w = os.pipe()
-    try:
+    # The closed number is free again: take it, and check no late call used it.
+    with occupy(fd) as nobody_used_it:
         for t in threads:
             t.join(5)
             assert not t.is_alive(), "a call hung across close()"
         assert {type(e) for e in errors} <= {ClosedError}, errors
         assert len(errors) == 2
-        if fd in (r, w):
-            os.set_blocking(r, False)
-            with pytest.raises(BlockingIOError):
-                os.read(r, 1)
-    finally:
-        os.close(r)
-        os.close(w)
+        nobody_used_it()
 
 
 @pytest.mark.timeout(60)
@@ -179,15 +174,9 @@ def test_a_signal_handler_may_close_the_device_its_thread_reads(netns_factory: M
         pytest.skip("needs the C extension (the pure read holds its lock while it waits)")
     assert threading.current_thread() is threading.main_thread()
     tun = create_tun(netns=netns_factory("signal"), offload=False)
-    old = signal.signal(signal.SIGUSR1, lambda *_: tun.close())
-    timer = threading.Timer(0.1, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
-    timer.start()
     try:
-        with pytest.raises(ClosedError):
+        with signal_when_polling(lambda *_: tun.close()), pytest.raises(ClosedError):
             tun.read([bytearray(16 + 1500)], [0], 16)
         assert tun.closed
     finally:
-        timer.cancel()
-        timer.join()
-        signal.signal(signal.SIGUSR1, old)
         tun.close()
