@@ -138,6 +138,18 @@ def code_of(fn: Any) -> CodeType:
     return code
 
 
+def asleep_in(thread: threading.Thread, *fns: Any) -> bool:
+    """Whether *thread* sleeps in a futex now, with each of *fns* on its Python stack."""
+    codes = [code_of(fn) for fn in fns]
+    if not all(code in _stack(thread) for code in codes):
+        return False
+    try:
+        state, wchan = kernel_state(thread)
+    except AssertionError:  # it ended
+        return False
+    return state == "S" and "futex" in wchan
+
+
 def wait_inside(thread: threading.Thread, *fns: Any, timeout: float = 10.0) -> None:
     """Return once *thread* sleeps in a futex with each of *fns* on its Python stack.
 
@@ -150,11 +162,7 @@ def wait_inside(thread: threading.Thread, *fns: Any, timeout: float = 10.0) -> N
 
     def blocked() -> bool:
         _alive(thread)
-        stack = _stack(thread)
-        if not all(code in stack for code in codes):
-            return False
-        state, wchan = kernel_state(thread)
-        return state == "S" and "futex" in wchan
+        return asleep_in(thread, *fns)
 
     names = ", ".join(c.co_qualname for c in codes)
     # Seen twice, a few milliseconds apart: a GIL wait does not last that long.

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from blocking import signal_when_polling, wait_in_poll
+from blocking import asleep_in, signal_when_polling, wait_in_poll, wait_until
 from netns_util import (  # noqa: F401
     DEVICE_KINDS,
     NativeHarness,
@@ -141,6 +141,59 @@ def test_close_from_many_threads_at_once(netns_factory: MakeNs) -> None:
         t.join(5)
     assert tun.closed and "[closed]" in repr(tun)
     assert tun.events().get(timeout=1) is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG for branch core (src/tunkit/_linux/device.py NativeTun.close; the same early "
+    "return is in fd.py _Descriptor.close and netlink.py LinkMonitor.close): a close() that "
+    "finds another close() under way returns at once, while the event thread and its "
+    "descriptors are still there",
+)
+@pytest.mark.timeout(30)
+def test_a_close_that_meets_another_returns_when_that_one_is_done(netns_factory: MakeNs) -> None:
+    """SPEC: no thread or descriptor remains once close() has returned, from any thread."""
+    tun = create_tun(netns=netns_factory("close2"))
+    events_thread = f"tunkit-events:{tun.name()}"
+    monitor = tun._monitor
+    letting_go = threading.Event()
+    holding = threading.Event()
+
+    class HeldMonitor:
+        """The event listener, whose close() waits until the test lets it go."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(monitor, name)
+
+        def close(self) -> None:
+            holding.set()
+            letting_go.wait(10)
+            monitor.close()
+
+    left: list[list[str]] = []  # what the second close() left behind when it returned
+
+    def second_close() -> None:
+        tun.close()
+        left.append([t.name for t in threading.enumerate() if t.name == events_thread])
+
+    tun._monitor = HeldMonitor()  # type: ignore[assignment]
+    first = threading.Thread(target=tun.close, name="test-close-1")
+    first.start()
+    try:
+        assert holding.wait(10), "the first close() never reached the event listener"
+        second = threading.Thread(target=second_close, name="test-close-2")
+        second.start()
+        wait_until(
+            lambda: bool(left) or asleep_in(second, NativeTun.close),
+            "the second close() returned or waits",
+        )
+        letting_go.set()
+        second.join(5)
+    finally:
+        letting_go.set()
+        first.join(5)
+        tun._monitor = monitor  # type: ignore[assignment]
+    assert left == [[]], f"the second close() returned with {left[0]} still running"
 
 
 @pytest.mark.timeout(90)
