@@ -3,14 +3,18 @@
 A batched :class:`Tun` protocol compatible with wireguard-go's (a port of the
 Go package ``github.com/asciimoth/gonnect/tun``), in-memory :class:`Channel`
 and :func:`pipe`, an ``io`` adapter, :func:`copy`, :class:`Forwarder`,
-:class:`Point2Point`, buffer pools, and a Linux device with kernel offloads.
+:class:`Point2Point`, buffer pools, and a Linux device with kernel offloads;
+:func:`capture` records what crosses a Tun into a pcapng file (:mod:`tunkit.pcap`)
+and :mod:`tunkit.packet` sums a packet up in one line.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import packet, pcap
 from ._callback import CallbackTun
+from ._capture import capture
 from ._channel import Channel
 from ._copy import copy
 from ._errors import (
@@ -35,19 +39,31 @@ from ._tunio import TunIO
 
 if TYPE_CHECKING:
     from ._linux.device import NativeTun, TunStats, create_tun, open_tun
+    from ._linux.passing import recv_tun, send_tun
+    from ._linux.persist import attach_tun, delete_tun
 
 __version__ = "0.1.0"
 
 # The Linux device needs pyroute2; it is imported on first use, so the
 # in-memory core imports nothing beyond the standard library.
-_LINUX_NAMES = frozenset({"NativeTun", "TunStats", "create_tun", "open_tun"})
+_LINUX_NAMES = {
+    "NativeTun": "device",
+    "TunStats": "device",
+    "create_tun": "device",
+    "open_tun": "device",
+    "attach_tun": "persist",
+    "delete_tun": "persist",
+    "send_tun": "passing",
+    "recv_tun": "passing",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LINUX_NAMES:
-        from ._linux import device
+    module = _LINUX_NAMES.get(name)
+    if module is not None:
+        import importlib
 
-        value = getattr(device, name)
+        value = getattr(importlib.import_module(f"._linux.{module}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tunkit' has no attribute {name!r}")
@@ -78,9 +94,16 @@ __all__ = [
     "TunStats",
     "WriteOnClosedChannelError",
     "WriteOnClosedPipeError",
+    "attach_tun",
+    "capture",
     "copy",
     "create_tun",
+    "delete_tun",
     "open_tun",
+    "packet",
+    "pcap",
     "pipe",
+    "recv_tun",
+    "send_tun",
     "speedups_enabled",
 ]
