@@ -29,6 +29,7 @@ class PipeHarness:
 
     def __init__(self, batch_size: int, mwo: int, mro: int) -> None:
         self.tun, self.peer = tunkit.pipe(batch_size, 1500, mwo, mro)
+        self.end: PipeTun = self.tun  # the pipe end itself, should tun wrap it
         self._threads: list[threading.Thread] = []
 
     def inject(self, packets: Sequence[bytes]) -> None:
@@ -39,7 +40,7 @@ class PipeHarness:
         return read_packets(self.peer, count, timeout=timeout)
 
     def wait_blocked(self, thread: threading.Thread) -> None:
-        wait_channel(self.tun._rx, writers=0, readers=1)
+        wait_channel(self.end._rx, writers=0, readers=1)
         wait_inside(thread, PipeTun.read, Channel.read)
 
     def packet(self, i: int, size: int) -> bytes:
