@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from blocking import wait_in_poll
 from conformance import Harness, TunConformance, in_thread, read_packets, write_packets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -104,6 +105,9 @@ class StreamHarness:
 
     def packet(self, i: int, size: int) -> bytes:
         return ipv4_packet(i, size)
+
+    def wait_blocked(self, thread: threading.Thread) -> None:
+        wait_in_poll(thread)
 
     def close(self) -> None:
         self.tun.close()
@@ -471,13 +475,8 @@ def test_close_wakes_a_write_blocked_on_a_full_socket(kind: str, pki: Pki) -> No
 
     thread, errors = in_thread(flood)
     try:
-        deadline = time.monotonic() + 10
-        while True:  # until a write has been blocked for a while
-            before = len(results)
-            time.sleep(0.2)
-            if len(results) == before:
-                break
-            assert time.monotonic() < deadline, "the socket never filled"
+        # The peer never reads: a write waits in poll() only once the socket is full.
+        wait_in_poll(thread)
         started = time.monotonic()
         tun.close()
         thread.join(5)
@@ -495,8 +494,7 @@ def test_close_from_another_thread_wakes_a_blocked_read_within_100ms() -> None:
     tun = StreamTun(a)
     reader = _Reader(tun, 1)
     try:
-        time.sleep(0.2)
-        assert reader.thread.is_alive()
+        wait_in_poll(reader.thread)  # blocked in poll(), the kernel says
         started = time.monotonic()
         tun.close()
         reader.join()
