@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,19 @@ def test_bench_measures_all_setups_writes_json_and_plot(root: None, tmp_path: Pa
     assert our_namespaces(proc.pid) == []
 
 
+@contextlib.contextmanager
+def _watching(proc: subprocess.Popen[str]) -> Iterator[ChildWatch]:
+    """Watch *proc*'s children; on the way out, *proc* is ended (if need be) and reaped."""
+    watch = ChildWatch(proc.pid)
+    try:
+        yield watch
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        watch.close()
+
+
 def _is_naive_loop(cmdline: str) -> bool:
     return "os.read(src" in cmdline
 
@@ -69,24 +83,84 @@ def test_bench_runs_naive_as_its_own_program_and_no_offload_shows_no_offload(
     need_tool("iperf3")
     proc = subprocess.Popen([*TUNKIT, "bench", "--no-offload", "--seconds", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV80)
-    watch = ChildWatch(proc.pid)
-    try:
+    with _watching(proc) as watch:
         # The baseline is a program of its own, holding the two devices.
         watch.wait_for(_is_naive_loop, timeout=120)
         naive = [pid for pid, c in watch.look().items() if _is_naive_loop(c)]
         assert [_tun_descriptors(pid) for pid in naive] == [2]
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        watch.close()
     assert proc.returncode == 0, out + err
     assert [line.split()[1] for line in out.splitlines() if re.match(r"│ [a-z-]+ +│", line)] \
         == ["tunkit-nooffload", "veth", "naive"], out
     assert "gso" not in out and "coalesced" not in out  # no columns of zeros
     assert_readable_at_80(out)
     assert our_namespaces(proc.pid) == []
+
+
+@pytest.mark.timeout(240)
+def test_bench_queues_runs_worker_setups_with_cpu_and_leaves_nothing(
+    root: None, tmp_path: Path,
+) -> None:
+    need_tool("iperf3")
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [*TUNKIT, "bench", "--seconds", "1", "--streams", "4", "--queues", "2",
+         "--json", str(out_json)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV80,
+    )
+    with _watching(proc) as watch:
+        deadline = time.monotonic() + 220
+        while proc.poll() is None and time.monotonic() < deadline:
+            watch.look()  # every child, the workers among them, while it runs
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=10)
+        left = watch.running(timeout=5)
+    assert proc.returncode == 0, out + err
+    assert left == {}, left
+    results = {r["name"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert list(results) == ["tunkit", "tunkit-mq", "tunkit-split", "tunkit-split-mq",
+                             "tunkit-nooffload", "veth", "naive"]
+    for r in results.values():
+        assert r["gbit_s"] > 0 and r["streams"] == 4 and r["error"] == "", r
+    # The CPU of the processes that move the packets: this one, the naive
+    # program, or each worker; all but this one its children, now gone.
+    # (Children are known by pid: one seen before its exec shows the parent's command line.)
+    children = set(watch.cmdlines)
+    others: list[int] = []
+    for name, r in results.items():
+        labels = [c["process"] for c in r["cpu"]]
+        pids = [c["pid"] for c in r["cpu"]]
+        if name.endswith("-mq"):
+            assert r["queues"] == 2 and labels == ["worker 0", "worker 1"], r
+            assert len(r["queue_packets"]) == 2 and sum(r["queue_packets"]) > 0, r
+            assert r["stats"]["a"]["packets_read"] > 0 and r["stats"]["b"]["packets_read"] > 0
+            others += pids
+        elif name == "veth":
+            assert labels == []
+        elif name == "naive":
+            assert labels == ["naive"], r
+            others += pids
+        else:
+            assert (labels, pids) == (["benchmark"], [proc.pid]), r
+        for c in r["cpu"]:
+            assert c["seconds"] > 0 and c["share"] > 0, r
+    assert len(set(others)) == 5 and set(others) <= children, (others, watch.cmdlines)
+    # The figures table: a "% core" column, one figure per worker.
+    rows = {line.split()[1]: line for line in out.splitlines()
+            if re.match(r"│ [a-z-]+ +│ +\d+\.\d\d │", line)}
+    assert list(rows) == list(results), out
+    assert re.search(r"│ +\d+ \d+ │$", rows["tunkit-split-mq"]), out
+    assert re.search(r"│ +\d+ │$", rows["tunkit"]) and rows["veth"].endswith("- │"), out
+    assert "% core" in out
+    assert_readable_at_80(out)
+    assert our_namespaces(proc.pid) == []
+
+
+def test_bench_queues_needs_offload() -> None:
+    proc = subprocess.run([*TUNKIT, "bench", "--queues", "2", "--no-offload"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tunkit: --queues runs tunkit-mq and tunkit-split-mq")
 
 
 def test_bench_usage_errors() -> None:
