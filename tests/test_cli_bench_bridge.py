@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 from cli_util import ENV80, TUNKIT, ChildWatch, assert_readable_at_80, our_namespaces
-from netns_util import need_tool, netns_factory, root  # noqa: F401
+from netns_util import disable_ipv6, need_tool, netns_factory, root  # noqa: F401
 
+import tunkit
+from tunkit._linux import netlink
 from tunkit._linux.netns import delete_netns, list_netns
 
 DROP_CAPS = ["setpriv", "--inh-caps=-net_admin,-sys_admin",
@@ -156,6 +158,23 @@ def test_bench_queues_runs_worker_setups_with_cpu_and_leaves_nothing(
     assert our_namespaces(proc.pid) == []
 
 
+@pytest.mark.timeout(120)
+def test_bench_ended_by_sigterm_while_workers_run_ends_and_reaps_them(root: None) -> None:
+    need_tool("iperf3")
+    proc = subprocess.Popen([*TUNKIT, "bench", "--seconds", "3", "--streams", "4",
+                             "--queues", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV80)
+    with _watching(proc) as watch:
+        watch.wait_for(lambda cmdline: "tunkit._linux.queues" in cmdline, timeout=90)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        left = watch.running(timeout=5)
+    assert proc.returncode == 143, out + err
+    assert err.strip().endswith("tunkit: interrupted (SIGTERM)"), err
+    assert left == {}, left
+    assert our_namespaces(proc.pid) == []
+
+
 def test_bench_queues_needs_offload() -> None:
     proc = subprocess.run([*TUNKIT, "bench", "--queues", "2", "--no-offload"],
                           capture_output=True, text=True, timeout=30, check=False)
@@ -239,6 +258,66 @@ def test_bridge_creates_devices_carries_ping_and_removes_them(
     assert gone.returncode != 0, "the created device outlived the bridge"
 
 
+def _tshark_records(tshark: str, path: Path) -> list[tuple[str, str, str, int, int]]:
+    """(interface, source, destination, direction flag, ICMP sequence) of each echo in *path*."""
+    fields = ["frame.interface_name", "ip.src", "ip.dst", "frame.packet_flags_direction",
+              "icmp.seq"]
+    proc = subprocess.run([tshark, "-r", str(path), "-Y", "icmp", "-T", "fields",
+                           *(a for f in fields for a in ("-e", f))],
+                          capture_output=True, text=True, timeout=60, check=True)
+    out = []
+    for line in proc.stdout.splitlines():
+        name, src, dst, flags, seq = line.split("\t")
+        out.append((name, src, dst, int(flags, 16), int(seq)))
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_bridge_pcap_records_both_devices_and_verbose_prints_each_packet(
+    netns_factory: Callable[[str], str], tmp_path: Path,
+) -> None:
+    need_tool("ping")
+    tshark = need_tool("tshark")
+    ns_a, ns_b = netns_factory("bca"), netns_factory("bcb")
+    for ns in (ns_a, ns_b):
+        disable_ipv6(ns)  # the pings are all that crosses
+    pcap = tmp_path / "bridge.pcapng"
+    a, b = "10.218.0.1", "10.218.0.2"
+    proc = _start_bridge(["tka", "tkb", "--create", "--netns-a", ns_a, "--netns-b", ns_b,
+                          "--address", f"tka={a}/24", "--address", f"tkb={b}/24",
+                          "--pcap", str(pcap), "--verbose"])
+    try:
+        ping = _ping(ns_a, b)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        out = _stop(proc)
+    # Each echo request read ("in", 1) from tka and written ("out", 2) to tkb; each reply
+    # the other way round. The file's order between the two devices is the capture threads'.
+    inbound, outbound = 1, 2
+    expected = [rec for seq in (1, 2, 3) for rec in (
+        ("tka", a, b, inbound, seq), ("tkb", a, b, outbound, seq),
+        ("tkb", b, a, inbound, seq), ("tka", b, a, outbound, seq),
+    )]
+    assert sorted(_tshark_records(tshark, pcap)) == sorted(expected)
+    lines = [line for line in out.splitlines() if re.match(r" *\d+\.\d{6} ", line)]
+    summaries = [line.split(maxsplit=1)[1] for line in lines]
+    assert summaries == [
+        f"tka → tkb IP {a} > {b}: icmp echo request, len 64",
+        f"tkb → tka IP {b} > {a}: icmp echo reply, len 64",
+    ] * 3, out
+    assert "  --pcap: 12 packets recorded" in out.splitlines(), out
+    assert "  --verbose: 6 lines, 0 packets not shown" in out.splitlines(), out
+
+
+def test_bridge_refuses_a_pcap_file_it_cannot_write_before_making_anything(root: None) -> None:
+    proc = subprocess.run([*TUNKIT, "bridge", "tka", "tkb", "--create",
+                           "--pcap", "/nonexistent-tunkit/b.pcapng"],
+                          capture_output=True, text=True, timeout=30, check=False, env=ENV80)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("tunkit: --pcap /nonexistent-tunkit/b.pcapng: "
+                           "No such file or directory\n")
+
+
 @pytest.mark.timeout(60)
 def test_bridge_joins_existing_persistent_devices(netns_factory: Callable[[str], str]) -> None:
     need_tool("ping")
@@ -247,8 +326,11 @@ def test_bridge_joins_existing_persistent_devices(netns_factory: Callable[[str],
         subprocess.run(["ip", "-n", ns, "tuntap", "add", "mode", "tun", "name", dev], check=True)
         subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    assert [_tun(ns, dev).vnet_hdr for ns, dev in ((ns_a, "tpa"), (ns_b, "tpb"))] == [False] * 2
     proc = _start_bridge(["tpa", "tpb", "--netns-a", ns_a, "--netns-b", ns_b])
     try:
+        # Attached with offload: the virtio header is on while the bridge holds them.
+        assert [_tun(ns, d).vnet_hdr for ns, d in ((ns_a, "tpa"), (ns_b, "tpb"))] == [True] * 2
         ping = _ping(ns_a, "10.216.0.2")
         assert ping.returncode == 0, ping.stdout + ping.stderr
     finally:
@@ -258,12 +340,56 @@ def test_bridge_joins_existing_persistent_devices(netns_factory: Callable[[str],
     assert still.returncode == 0, "a persistent device must outlive the bridge"
 
 
+def _tun(ns: str, name: str) -> netlink.TunInfo:
+    info = netlink.tun_info(ns, name)
+    assert info is not None, name
+    return info
+
+
+@pytest.mark.timeout(60)
+def test_bridge_attaches_to_a_multi_queue_device_whose_other_queue_has_no_offload(
+    netns_factory: Callable[[str], str],
+) -> None:
+    ns_a, ns_b = netns_factory("bqa"), netns_factory("bqb")
+    subprocess.run(["ip", "-n", ns_a, "tuntap", "add", "mode", "tun", "multi_queue",
+                    "name", "tqa"], check=True)
+    subprocess.run(["ip", "-n", ns_b, "tuntap", "add", "mode", "tun", "name", "tqb"], check=True)
+    # Another program's queue, without the virtio header: every queue of tqa has it off.
+    held = tunkit.attach_tun("tqa", netns=ns_a, offload=False)
+    try:
+        proc = _start_bridge(["tqa", "tqb", "--netns-a", ns_a, "--netns-b", ns_b])
+        try:
+            assert _tun(ns_a, "tqa").queues == 2  # the bridge's queue beside the other one
+        finally:
+            _stop(proc)
+    finally:
+        held.close()
+
+
+@pytest.mark.parametrize(("kind", "what"), [
+    (["link", "add", "tkd0", "type", "veth", "peer", "name", "tkd9"], "it is a veth link"),
+    (["tuntap", "add", "mode", "tap", "name", "tkd0"], "it is a TAP device"),
+], ids=["veth", "tap"])
+def test_bridge_attaches_only_to_a_tun_device(
+    netns_factory: Callable[[str], str], kind: list[str], what: str,
+) -> None:
+    ns = netns_factory("bkind")
+    subprocess.run(["ip", "-n", ns, *kind], check=True)
+    proc = subprocess.run([*TUNKIT, "bridge", "tkd0", "tkd1", "--netns-a", ns, "--netns-b", ns],
+                          capture_output=True, text=True, timeout=30, check=False, env=ENV80)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"tunkit: no TUN device 'tkd0' in network namespace {ns!r}: {what} "
+                           "(make one with 'ip tuntap add mode tun tkd0', or pass --create)\n")
+
+
 def test_bridge_names_a_missing_device(netns_factory: Callable[[str], str]) -> None:
     ns = netns_factory("bmiss")
     proc = subprocess.run([*TUNKIT, "bridge", "nope0", "nope1", "--netns-a", ns, "--netns-b", ns],
                           capture_output=True, text=True, timeout=30, check=False, env=ENV80)
     assert proc.returncode == 2
-    assert "no TUN device named 'nope0'" in proc.stderr and "--create" in proc.stderr
+    assert proc.stderr == (f"tunkit: no TUN device 'nope0' in network namespace {ns!r}: there is "
+                           "no such link (make one with 'ip tuntap add mode tun nope0', or pass "
+                           "--create)\n")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
