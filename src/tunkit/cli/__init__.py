@@ -17,22 +17,32 @@ from types import FrameType
 
 from rich.console import Console
 
-from . import bench, bridge, children, create, demo
+from . import bench, bridge, children, create, demo, doctor
 from .preflight import HelpFormatter, UsageError
 
 __all__ = ["UsageError", "main"]
 
-_COMMANDS = {"demo": demo, "bench": bench, "bridge": bridge, "create": create, "delete": create}
+_COMMANDS = {
+    "demo": demo,
+    "bench": bench,
+    "bridge": bridge,
+    "create": create,
+    "delete": create,
+    "doctor": doctor,
+}
 
 
 _DESCRIPTION = """\
 TUN devices for Python: see them work (demo), measure them (bench), put them
-to use (bridge). Each command's --help explains it, with examples.
+to use (bridge), make devices for users without root (create, delete), and
+ask whether this machine can run them, and how fast (doctor). Each command's
+--help explains it, with examples.
 
 examples:
   tunkit demo --memory
   sudo tunkit demo
   tunkit bench --help
+  sudo tunkit doctor
 """
 
 
