@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blocking import wait_in_poll
 from conformance import Harness, TunConformance, in_thread, read_packets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -139,6 +140,9 @@ class UdpHarness:
 
     def collect(self, count: int, timeout: float) -> list[bytes]:
         return recv_all(self.peer, count, timeout)
+
+    def wait_blocked(self, thread: threading.Thread) -> None:
+        wait_in_poll(thread)
 
     def packet(self, i: int, size: int) -> bytes:
         flow = Flow(proto=UDP, sport=40000 + i)
