@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ._linux.device import NativeTun, TunStats, create_tun, open_tun
     from ._linux.passing import recv_tun, send_tun
     from ._linux.persist import attach_tun, delete_tun
+    from .transport.stream import StreamTun
     from .transport.udp import UdpTun
 
 __version__ = "0.1.0"
@@ -58,6 +59,7 @@ _LINUX_NAMES = {
     "send_tun": "_linux.passing",
     "recv_tun": "_linux.passing",
     "UdpTun": "transport.udp",
+    "StreamTun": "transport.stream",
 }
 
 
@@ -90,6 +92,7 @@ __all__ = [
     "ReadOnClosedChannelError",
     "ReadOnClosedPipeError",
     "RetryableError",
+    "StreamTun",
     "TooManySegmentsError",
     "Tun",
     "TunError",

@@ -143,6 +143,26 @@ class _Descriptor:
         if self._closing:
             raise self._closed_error("write")
 
+    def wait(self, events: int, direction: str, timeout_ms: int | None = None) -> None:
+        """Block until the descriptor reports *events* or *timeout_ms* passes.
+
+        For a call of *direction* that needs the other direction's readiness
+        (a TLS read that must first write a handshake message, say): it polls
+        with a poll object of its own, as the direction's poll objects belong
+        to their locks.
+
+        Raises:
+            ClosedError: close() has begun (then or while waiting).
+        """
+        if self._closing:
+            raise self._closed_error(direction)
+        poller = select.poll()
+        poller.register(self.fd, events)
+        poller.register(self.wake_fd, select.POLLIN)
+        poller.poll(timeout_ms)
+        if self._closing:
+            raise self._closed_error(direction)
+
     def failure(self, exc: OSError, direction: str) -> OSError:
         """The exception to raise for *exc* from a system call of *direction* on :attr:`fd`.
 

@@ -17,7 +17,7 @@ from types import FrameType
 
 from rich.console import Console
 
-from . import bench, bridge, children, create, demo, doctor
+from . import bench, bridge, children, create, demo, doctor, tunnel
 from .preflight import HelpFormatter, UsageError
 
 __all__ = ["UsageError", "main"]
@@ -29,14 +29,15 @@ _COMMANDS = {
     "create": create,
     "delete": create,
     "doctor": doctor,
+    "tunnel": tunnel,
 }
 
 
 _DESCRIPTION = """\
 TUN devices for Python: see them work (demo), measure them (bench), put them
-to use (bridge), make devices for users without root (create, delete), and
-ask whether this machine can run them, and how fast (doctor). Each command's
---help explains it, with examples.
+to use (bridge, tunnel), make devices for users without root (create,
+delete), and ask whether this machine can run them, and how fast (doctor).
+Each command's --help explains it, with examples.
 
 examples:
   tunkit demo --memory
