@@ -55,7 +55,7 @@ from tunkit._linux.constants import (
 from tunkit._linux.device import NativeTun, create_tun, open_tun
 from tunkit._linux.gso_device import GsoNativeTun
 from tunkit._offload import _impl as tk_impl
-from tunkit._offload import _Malformed, split
+from tunkit._offload import _Malformed, _TooBig, split
 from tunkit._offload.vnet import gso_segments
 
 if TYPE_CHECKING:
@@ -480,13 +480,12 @@ def test_garbage_from_the_kernel_is_dropped_and_counted(
     before = tun.stats()
     try:
         n = tun._handle_kernel_packet(memoryview(data), bufs, sizes, 16)
-    except TooManySegmentsError:
+    except (TooManySegmentsError, _TooBig):
         assert tun.stats() == before  # nothing stored, nothing counted: read() decides
         return
     after = tun.stats()
-    drops = (after.dropped_malformed - before.dropped_malformed) + (
-        after.dropped_too_big - before.dropped_too_big
-    )
+    assert after.dropped_too_big == before.dropped_too_big
+    drops = after.dropped_malformed - before.dropped_malformed
     if n == 0:
         assert drops == 1
         assert after.packets_read == before.packets_read
@@ -598,6 +597,36 @@ def test_read_keeps_a_super_packet_that_does_not_fit_the_rest(
         assert tun.read(bufs, sizes) == 100
         assert [bytes(bufs[i][16 : 16 + sizes[i]]) for i in range(100)] == expected
     assert tun.stats().dropped_too_big == 0
+
+
+@pytest.mark.timeout(30)
+def test_read_keeps_a_packet_too_big_for_the_rest_for_the_first_buffer(
+    offload_device: GsoNativeTun,
+) -> None:
+    """A packet of a grown MTU behind another: the next call stores it in its larger first buffer.
+
+    As ``copy`` and ``Forwarder`` read: a first buffer of 64 KB, the others of the
+    old MTU. Dropping it would lose packets until the loop saw the new MTU.
+    """
+    tun = offload_device
+    flow = Flow()
+    small = vnet() + flow.packet(payload_bytes(50), seq=1)
+    big = vnet() + flow.packet(payload_bytes(8000), seq=51)  # GSO_NONE, 8040 bytes
+    tun._fd = _Scripted(tun._fd, [small, big])  # type: ignore[assignment]
+    bufs = [bytearray(16 + 65535)] + [bytearray(16 + 1500) for _ in range(127)]
+    sizes = [0] * 128
+    assert tun.read(bufs, sizes) == 1
+    assert bytes(bufs[0][16 : 16 + sizes[0]]) == small[10:]
+    assert tun.read(bufs, sizes) == 1
+    assert bytes(bufs[0][16 : 16 + sizes[0]]) == big[10:]
+    assert tun.stats().dropped_too_big == 0
+    # A caller whose first buffer is too small for it, too: dropped and counted, once.
+    tun._fd.reads = [small, big, small]  # type: ignore[attr-defined]
+    small_bufs = [bytearray(16 + 1500) for _ in range(128)]
+    assert tun.read(small_bufs, sizes) == 1
+    assert tun.read(small_bufs, sizes) == 1  # big dropped, then the second small one
+    assert bytes(small_bufs[0][16 : 16 + sizes[0]]) == small[10:]
+    assert tun.stats().dropped_too_big == 1
 
 
 # -- the pure header check of read_gso/write_gso ------------------------------------

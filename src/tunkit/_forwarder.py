@@ -7,10 +7,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Final, final
 
 from ._errors import ClosedError, RetryableError, TunError
-from ._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, gso_offset, gso_pair, split_for
+from ._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, gso_offset, gso_pair, write_split
 from ._pool import BufferPool, get_buffer, put_buffer
 from ._tun import GsoTun
-from ._write import WRITE_NO_PROGRESS, close_quietly, write_all
+from ._write import WRITE_NO_PROGRESS, close_quietly
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -163,7 +163,7 @@ class Forwarder:
         # GsoTun protocol alone cost microseconds, as much as a packet's system
         # call when each batch is one packet (no offload).
         key: tuple[object, ...] = ()
-        gso_mtu = offset = count = size = 0
+        gso_mtu = offset = count = first = size = 0
         read: Callable[..., int] = _no_read
         sizes: list[int] = []
         while True:
@@ -183,25 +183,27 @@ class Forwarder:
                     gso_mtu = mtu
                     offset = gso_offset(tun, writer)
                     count = GSO_BATCH
-                    size = offset + GSO_BUF_LEN
+                    first = size = offset + GSO_BUF_LEN
                     read = tun.read_gso  # type: ignore[attr-defined]
                 else:
                     # Read with the headroom the write Tun needs, so the batch is
-                    # written in place.
+                    # written in place. The first buffer takes any packet: a
+                    # read already waiting when the MTU grows stores the next
+                    # one there (a device keeps one that does not fit a later
+                    # buffer for its next read); one buffer per read (no
+                    # offload) leaves the MTU out of the question.
                     gso_mtu = 0
                     offset = max(tun.mro(), writer.mwo() if writer is not None else 0)
                     count = max(tun.batch_size(), 1)
-                    size = offset + mtu
+                    first = offset + GSO_BUF_LEN
+                    size = first if count == 1 else offset + mtu
                     read = tun.read
                 sizes = [0] * count
             # Buffers not handed on with a batch are kept for the next read: only
             # the buffers of queued batches are taken from the pool again.
             spare = self._spare
-            if spare and len(spare[0]) != size:
-                self._release(spare)
-                spare = self._spare = []
-            while len(spare) < count:
-                spare.append(get_buffer(self._pool, size))
+            if len(spare) < count or len(spare[0]) != first or len(spare[-1]) != size:
+                spare = self._refill(count, first, size)
             bufs = spare[:count] if len(spare) > count else spare
             try:
                 n = read(bufs, sizes, offset)
@@ -212,6 +214,8 @@ class Forwarder:
                 continue
             if n <= 0:
                 continue
+            # Super-packets read while the MTU grew may hold segments of the new one.
+            batch_mtu = gso_mtu and max(gso_mtu, tun.mtu())
             with self._lock:
                 # Write it on this thread when nothing is queued and the writer is
                 # idle: no hand-off, so no thread switch on the common path.
@@ -219,7 +223,7 @@ class Forwarder:
                 if inline is not None:
                     self._writing = True
                 else:
-                    batch = _Batch(spare[:n], sizes[:n], offset, gso_mtu)
+                    batch = _Batch(spare[:n], sizes[:n], offset, batch_mtu)
                     del spare[:n]
                     while not self._stopped and len(self._queue) >= _QUEUE_DEPTH:
                         changed.wait()
@@ -230,7 +234,23 @@ class Forwarder:
                     if len(self._queue) == 1:
                         changed.notify_all()  # the writer may be waiting for work
             if inline is not None:
-                self._deliver_inline(inline, n, sizes, offset, gso_mtu, tun, read)
+                self._deliver_inline(inline, n, sizes, offset, batch_mtu, tun, read)
+
+    def _refill(self, count: int, first: int, size: int) -> list[bytearray]:
+        """Make ``_spare`` *count* buffers: one of *first* bytes, then *size* bytes each.
+
+        Buffers of an earlier MTU or offset go back to the pool. Reader thread only.
+        """
+        spare = self._spare
+        stale = len(spare) > 1 and len(spare[-1]) != size
+        if stale or (spare and len(spare[0]) not in (first, size)):
+            self._release(spare)
+            spare = self._spare = []
+        if not spare or len(spare[0]) != first:
+            spare.insert(0, get_buffer(self._pool, first))
+        while len(spare) < count:
+            spare.append(get_buffer(self._pool, size))
+        return spare
 
     def _deliver_inline(
         self,
@@ -277,10 +297,11 @@ class Forwarder:
         system call, the read loop's setup and hand-over checks would cost
         more than the calls. Nothing can be queued meanwhile (only this
         thread queues), and every change that matters closes the Tun a call
-        is using, which ends the streak: a swap of either Tun, stop(). A
-        streak also ends after ``_STREAK`` packets, so the read loop sees a
-        changed MTU. Returns a packet cut short by a swap of *dst*, for the
-        new write Tun (its buffer leaves ``_spare``), else None.
+        is using, which ends the streak: a swap of either Tun, stop(). An
+        MTU change does not matter here: the one buffer holds 64 KB. A streak
+        also ends after ``_STREAK`` packets, so the read loop looks at the
+        pair again now and then. Returns a packet cut short by a swap of
+        *dst*, for the new write Tun (its buffer leaves ``_spare``), else None.
         """
         spare = self._spare
         buf = spare[0]
@@ -424,9 +445,7 @@ class Forwarder:
         while batch.done < n:
             i = batch.done
             packet = memoryview(bufs[i])[offset - VNET_HDR_LEN : offset + sizes[i]]
-            segments, seg_sizes = split_for(tun, packet, headroom)
-            pairs = zip(segments, seg_sizes, strict=True)
-            write_all(tun, [memoryview(seg)[: headroom + k] for seg, k in pairs], headroom)
+            write_split(tun, packet, headroom)
             batch.done += 1
 
 

@@ -92,10 +92,12 @@ class GsoNativeTun(NativeTun):
         Blocks until one kernel packet comes, then takes the ones already
         waiting while buffers remain. A super-packet (TCP or UDP GSO) becomes
         its segments, one per buffer, with their own headers and checksums; a
-        partial checksum is completed. A malformed kernel packet, or one whose
-        packets do not fit their buffers, is dropped and counted
-        (``dropped_malformed``, ``dropped_too_big``) and the read goes on. An
-        error after some packets were stored is raised by the next call.
+        partial checksum is completed. A malformed kernel packet is dropped
+        and counted (``dropped_malformed``) and the read goes on. A kernel
+        packet that does not fit the buffers left after others were stored is
+        kept for the next call, where it comes first; one that does not fit
+        from the first buffer on is dropped and counted (``dropped_too_big``).
+        An error after some packets were stored is raised by the next call.
 
         Raises:
             OffsetError: *offset* is below ``mro()``.
@@ -135,12 +137,17 @@ class GsoNativeTun(NativeTun):
                         sizes[stored : stored + got] = self._split_sizes[:got]
                     else:
                         got = self._handle_kernel_packet(rview[:n], bufs, sizes, offset)
-                except TooManySegmentsError:
+                except (TooManySegmentsError, _TooBig) as exc:
                     if stored:
-                        self._pending = n  # first in the next call, with all buffers
+                        # First in the next call, with all the buffers: more of
+                        # them, and the first one may be larger (forwarding
+                        # loops make it 64 KB, for a packet of a grown MTU).
+                        self._pending = n
                         return stored
                     self._dropped_too_big += 1
-                    raise
+                    if isinstance(exc, TooManySegmentsError):
+                        raise
+                    continue
                 stored += got
                 if stored >= want:
                     return stored
@@ -154,20 +161,18 @@ class GsoNativeTun(NativeTun):
     ) -> int:
         """Turn one kernel read (virtio header + packet) into packets in *bufs*; return the count.
 
-        A malformed one, or one that does not fit, is dropped and counted: 0.
-        Called with the read lock held.
+        A malformed one is dropped and counted: 0. Called with the read lock held.
 
         Raises:
             TooManySegmentsError: more segments than buffers; nothing stored
                 or counted (the caller decides).
+            _TooBig: a packet does not fit its buffer; nothing counted (the
+                caller decides).
         """
         try:
             count = split(data, bufs, sizes, offset)
         except _Malformed:
             self._dropped_malformed += 1
-            return 0
-        except _TooBig:
-            self._dropped_too_big += 1
             return 0
         if data[1] & ~VIRTIO_NET_HDR_GSO_ECN != VIRTIO_NET_HDR_GSO_NONE:
             self._gso_split += 1
