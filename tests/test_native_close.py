@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 import pytest
 from netns_util import (  # noqa: F401
+    _NEEDS_PACKET_IO,
     DEVICE_KINDS,
     NativeHarness,
     device_kind,
     netns_factory,
+    ns_run,
     root,
 )
 
@@ -167,27 +169,88 @@ def test_200_create_close_cycles_leave_nothing(netns_factory: MakeNs) -> None:
     assert set(threading.enumerate()) == threads_before
 
 
-@pytest.mark.timeout(30)
-def test_a_signal_handler_may_close_the_device_its_thread_reads(netns_factory: MakeNs) -> None:
-    """``signal.signal(SIGTERM, lambda *_: tun.close())`` around a blocked read (C path).
+# -- close() from a signal handler, on the thread inside the call -----------------------
 
-    The C read waits without holding the read lock, and runs signal handlers
-    outside its count of calls in progress, so close() from a handler on the
-    reading thread itself does not wait for that thread.
-    """
-    if tk_device.PACKET_IO is None:
-        pytest.skip("needs the C extension (the pure read holds its lock while it waits)")
+# (offload, io path, call): every read and write of both device kinds, on both paths.
+_SIGNAL_CASES = [
+    pytest.param(offload, path, call, id=f"{'vnet' if offload else 'plain'}-{path}-{call}",
+                 marks=_NEEDS_PACKET_IO if path == "c" else [])
+    for offload in (False, True)
+    for path in ("c", "pure")
+    for call in ("read", "write", *(("read_gso", "write_gso") if offload else ()))
+]
+
+
+def _closed_on_signal(tun: NativeTun, call: Callable[[], object]) -> BaseException | None:
+    """Run *call* on this (the main) thread until it raises; SIGUSR1 comes 0.1 s in, and
+    its handler closes *tun*. Returns what the call raised, or None if it returned."""
     assert threading.current_thread() is threading.main_thread()
-    tun = create_tun(netns=netns_factory("signal"), offload=False)
-    old = signal.signal(signal.SIGUSR1, lambda *_: tun.close())
+    tun_fds = (tun.fileno(), tun._fd.wake_fd)
+    closed_in_handler: list[bool] = []
+
+    taken: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        tun.close()
+        closed_in_handler.append(tun.closed)
+        # As another thread may do at any moment: take free numbers, up to the
+        # device's two if they are free now. A wait retried on them would then
+        # wait on these pipes, never readable: a hang.
+        numbers = {tun_fds[0], tun_fds[1]}
+        while len(taken) < 256 and not numbers <= set(taken):
+            taken.extend(os.pipe())
+
+    old = signal.signal(signal.SIGUSR1, handler)
     timer = threading.Timer(0.1, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
     timer.start()
     try:
-        with pytest.raises(ClosedError):
-            tun.read([bytearray(16 + 1500)], [0], 16)
-        assert tun.closed
+        try:
+            call()
+        except BaseException as exc:
+            return exc
+        return None
     finally:
         timer.cancel()
         timer.join()
         signal.signal(signal.SIGUSR1, old)
-        tun.close()
+        for fd in taken:
+            os.close(fd)
+        assert closed_in_handler == [True], "the handler did not run, or close() did not finish"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("offload", "path", "call"), _SIGNAL_CASES)
+def test_a_signal_handler_may_close_the_device_its_own_thread_uses(
+    netns_factory: MakeNs, monkeypatch: pytest.MonkeyPatch, offload: bool, path: str, call: str
+) -> None:
+    """What README says: ``signal.signal(SIGUSR1, lambda *_: tun.close())`` while this
+    thread is blocked in a read (or in a loop of writes) of *tun*.
+
+    The call ends with ClosedError, nothing hangs, and right after it the
+    device's descriptor and its eventfd are closed and the device is gone.
+    """
+    if path == "pure":
+        monkeypatch.setattr(tk_device, "_packet_io", None)
+    h = NativeHarness(netns_factory("signal"), offload=offload)
+    tun = h.tun
+    fds = (tun.fileno(), tun._fd.wake_fd)
+    name = tun.name()
+    bufs = [bytearray(16 + 65535) for _ in range(tun.batch_size())]
+    sizes = [0] * len(bufs)
+    packet = bytes(16) + h.packet(1, 200)
+    whole = bytes(16) + h.packet(2, 200)  # all-zero virtio header: GSO_NONE
+    calls: dict[str, Callable[[], object]] = {
+        "read": lambda: tun.read(bufs, sizes, 16),
+        "read_gso": lambda: tun.read_gso(bufs, sizes, 16),  # type: ignore[attr-defined]
+        "write": lambda: [tun.write([packet] * tun.batch_size()) for _ in iter(int, 1)],
+        "write_gso": lambda: [tun.write_gso([whole] * 8) for _ in iter(int, 1)],  # type: ignore[attr-defined]
+    }
+    try:
+        raised = _closed_on_signal(tun, calls[call])
+        assert isinstance(raised, ClosedError), repr(raised)
+        open_now = set(os.listdir("/proc/self/fd"))
+        assert not {str(fd) for fd in fds} & open_now, "a descriptor outlived the call"
+        gone = ns_run(h.ns, "ip", "link", "show", name, check=False)
+        assert gone.returncode != 0, gone.stdout
+    finally:
+        h.close()

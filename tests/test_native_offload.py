@@ -295,13 +295,10 @@ class _Refusing:
             self.refused += 1
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
-    def writev_locked(self, bufs: Sequence[ReadableBuffer]) -> int:
-        self._check(bufs[0])
-        return int(self._inner.writev_locked(bufs))  # type: ignore[attr-defined]
-
-    def write_locked(self, buf: ReadableBuffer) -> int:
-        self._check(buf)
-        return int(self._inner.write_locked(buf))  # type: ignore[attr-defined]
+    def call_locked(self, call: Any, arg: Any, direction: str, block: bool = True) -> int:
+        if direction == "write":
+            self._check(arg if call is os.write else arg[0])
+        return int(self._inner.call_locked(call, arg, direction, block))  # type: ignore[attr-defined]
 
 
 class _RefusingIo:
@@ -541,13 +538,12 @@ class _Scripted:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def readv_locked(self, bufs: Sequence[Any]) -> int:
-        n = self.try_readv_locked(bufs)
-        assert n >= 0, "a blocking read with nothing scripted"
-        return n
-
-    def try_readv_locked(self, bufs: Sequence[Any]) -> int:
+    def call_locked(
+        self, _call: Any, bufs: Sequence[Any], direction: str, block: bool = True
+    ) -> int:
+        assert direction == "read"
         if not self.reads:
+            assert not block, "a blocking read with nothing scripted"
             return -1
         item = self.reads.pop(0)
         if isinstance(item, OSError):

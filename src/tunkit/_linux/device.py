@@ -153,7 +153,8 @@ class NativeTun:
         self._seen_mtu = state.mtu  # event thread only
         self._seen_up = state.up  # event thread only
         self._events = Events(Event.UP if state.up else None)
-        self._state_lock = threading.Lock()
+        # Re-entrant: a signal handler may close() on a thread that is in close().
+        self._state_lock = threading.RLock()
         self._closed = False  # guarded by _state_lock
         # Read side, guarded by the read lock.
         self._overflow = bytearray(_MAX_KERNEL_PACKET)  # catches too-big packets
@@ -456,11 +457,17 @@ class NativeTun:
     # -- life -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the device; idempotent, from any thread.
+        """Close the device; idempotent, from any thread, and from a signal handler.
 
         Blocked reads and writes raise :class:`ClosedError` at once; returns
         after the event thread has ended and every descriptor is closed. The
         kernel removes a device that is not persistent with its last descriptor.
+        A signal handler may close the device that its own thread is reading
+        or writing (every path: C and Python, ``read``, ``write``,
+        ``read_gso``, ``write_gso``): the call raises :class:`ClosedError`
+        once the handler returns. The device is gone when close() returns;
+        if the call was waiting in ``poll()``, its two descriptor numbers
+        are released by that call as it raises (see ``_Descriptor``).
         """
         with self._state_lock:
             if self._closed:

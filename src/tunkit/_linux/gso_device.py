@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Final, final
 
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 __all__ = ["GsoNativeTun"]
+
+_readv: Final = os.readv
+_writev: Final = os.writev
+_write: Final = os.write  # one buffer: no list to build
 
 _SPLIT_FIRST: Final = 1  # PacketIo.write_gso: a super-packet of a refused kind
 # The kinds of super-packet a kernel refused, as bits (PacketIo.write_gso's *refused*).
@@ -120,10 +125,10 @@ class GsoNativeTun(NativeTun):
                 if self._pending:
                     n, self._pending = self._pending, 0
                 elif not stored:
-                    n = fd.readv_locked(iov)
+                    n = fd.call_locked(_readv, iov, "read")
                 else:
                     try:
-                        n = fd.try_readv_locked(iov)
+                        n = fd.call_locked(_readv, iov, "read", block=False)
                     except OSError as exc:
                         self._read_error = exc
                         return stored
@@ -213,7 +218,7 @@ class GsoNativeTun(NativeTun):
                         done = w.prefix
                         continue
                     try:
-                        n = fd.writev_locked(w.iov)
+                        n = fd.call_locked(_writev, w.iov, "write")
                     except OSError as exc:
                         if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
                             raise
@@ -260,7 +265,7 @@ class GsoNativeTun(NativeTun):
     def _write_one(self, iov: list[memoryview]) -> None:
         """Write one packet (header and packet in *iov*), dropping and counting a refusal."""
         try:
-            n = self._fd.writev_locked(iov)
+            n = self._fd.call_locked(_writev, iov, "write")
         except OSError as exc:
             if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
                 raise
@@ -320,16 +325,17 @@ class GsoNativeTun(NativeTun):
             stored = 0
             while stored < want:
                 room = byte_view(bufs[stored], at)
+                iov: list[WriteableBuffer] = [room, overflow]
                 if self._pending:
                     # Left by read(): hand it on whole if it fits.
                     n, self._pending = self._pending, 0
                     if n <= len(room):
                         room[:n] = self._rview[:n]
                 elif not stored:
-                    n = fd.readv_locked([room, overflow])
+                    n = fd.call_locked(_readv, iov, "read")
                 else:
                     try:
-                        n = fd.try_readv_locked([room, overflow])
+                        n = fd.call_locked(_readv, iov, "read", block=False)
                     except OSError as exc:
                         self._read_error = exc
                         return stored
@@ -406,7 +412,7 @@ class GsoNativeTun(NativeTun):
         return done
 
     def _write_gso_pure(self, bufs: Sequence[ReadableBuffer], offset: int) -> int:
-        write = self._fd.write_locked
+        call = self._fd.call_locked
         at = offset - VNET_HDR_LEN
         done = 0
         with self._write_lock:
@@ -419,7 +425,7 @@ class GsoNativeTun(NativeTun):
                         done += 1
                         continue
                     try:
-                        write(data)
+                        call(_write, data, "write")
                     except OSError as exc:
                         if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
                             raise
