@@ -31,6 +31,8 @@ PACKET_IO: Final[PacketIoType | None] = _packet_io if hasattr(_packet_io, "read_
 """The C extension's PacketIo when it is loaded, else None (the Python path)."""
 
 _A = TypeVar("_A")  # what call_locked passes on to its system call
+_READ: Final = 0  # index of a direction in _Descriptor._waiting
+_WRITE: Final = 1
 
 
 class _Descriptor:
@@ -78,11 +80,10 @@ class _Descriptor:
         "_late",
         "_read_lock",
         "_read_poll",
-        "_read_waiting",
         "_state_lock",
+        "_waiting",
         "_write_lock",
         "_write_poll",
-        "_write_waiting",
         "fd",
         "io",
         "wake_fd",
@@ -115,8 +116,7 @@ class _Descriptor:
         self._write_poll = select.poll()
         self._write_poll.register(fd, select.POLLOUT)
         self._write_poll.register(self.wake_fd, select.POLLIN)
-        self._read_waiting = False
-        self._write_waiting = False
+        self._waiting = [False, False]  # [_READ], [_WRITE]
         # (device number, eventfd, thread): numbers a close() from a signal
         # handler left for the interrupted poll() of that thread to close.
         self._late: tuple[int, int, int] | None = None
@@ -143,16 +143,7 @@ class _Descriptor:
         Raises:
             ClosedError: close() has begun (then or while waiting).
         """
-        self._read_waiting = True  # before the check: see close()
-        try:
-            if not self._closing:
-                self._read_poll.poll()
-        finally:
-            self._read_waiting = False
-            if self._late is not None:
-                self._close_late()
-        if self._closing:
-            raise self.closed_error("read")
+        self._wait(self._read_poll, _READ, "read")
 
     def wait_writable(self) -> None:
         """Block until the descriptor is writable; hold :attr:`write_lock`.
@@ -160,16 +151,20 @@ class _Descriptor:
         Raises:
             ClosedError: close() has begun (then or while waiting).
         """
-        self._write_waiting = True  # before the check: see close()
+        self._wait(self._write_poll, _WRITE, "write")
+
+    def _wait(self, poll: select.poll, side: int, direction: str) -> None:
+        waiting = self._waiting
+        waiting[side] = True  # before the check: see close()
         try:
             if not self._closing:
-                self._write_poll.poll()
+                poll.poll()
         finally:
-            self._write_waiting = False
+            waiting[side] = False
             if self._late is not None:
                 self._close_late()
         if self._closing:
-            raise self.closed_error("write")
+            raise self.closed_error(direction)
 
     def failure(self, exc: OSError, direction: str) -> OSError:
         """The exception to raise for *exc* from a system call of *direction* on :attr:`fd`.
@@ -208,9 +203,9 @@ class _Descriptor:
                 if not block:
                     return -1
                 if direction == "read":
-                    self.wait_readable()
+                    self._wait(self._read_poll, _READ, "read")
                 else:
-                    self.wait_writable()
+                    self._wait(self._write_poll, _WRITE, "write")
             except OSError as exc:
                 raise self.failure(exc, direction) from None
 
@@ -244,7 +239,7 @@ class _Descriptor:
             # hit another file.
             fd, wake = self.fd, self.wake_fd
             self.fd = self.wake_fd = -1
-            if self._read_waiting or self._write_waiting:
+            if True in self._waiting:
                 # Only this thread can be waiting while it holds both locks: a
                 # signal handler runs this inside its wait, and poll() will run
                 # again on these numbers. Release the device now; keep the
