@@ -68,9 +68,11 @@ class GsoNativeTun(NativeTun):
         monitor: netlink.LinkMonitor,
     ) -> None:
         """Private: use :func:`create_tun` or :func:`open_tun` (see :class:`NativeTun`)."""
-        # Read side, guarded by the read lock. One kernel packet (header
-        # included) lands in _rbuf; _pending is the length of one read there
-        # but not yet handed out (it did not fit the rest of a batch), 0 if none.
+        # Read side, guarded by the read lock, which read() and read_gso()
+        # hold on every path (C too): either may be called from its own thread.
+        # One kernel packet (header included) lands in _rbuf; _pending is the
+        # length of one read there but not yet handed out (it did not fit the
+        # rest of a batch), 0 if none.
         self._rbuf = bytearray(_MAX_KERNEL_PACKET)
         self._rview = memoryview(self._rbuf)
         self._pending = 0
@@ -304,16 +306,6 @@ class GsoNativeTun(NativeTun):
         if len(sizes) < len(bufs):
             raise ValueError(f"read_gso with {len(sizes)} sizes for {len(bufs)} buffers")
         io = self._io
-        if io is not None and not self._pending and self._read_error is None:
-            # The whole batch in one C call (PacketIo.read_gso): the reads,
-            # the header checks and the counters, with the GIL released once.
-            stored, err = io.read_gso(bufs, sizes, offset - VNET_HDR_LEN, self._overflow)
-            if err:
-                exc = self._fd.errno_failure(err, "read")
-                if not stored:
-                    raise exc
-                self._read_error = exc
-            return stored
         want = len(bufs)
         fd = self._fd
         overflow = self._overflow
@@ -322,6 +314,18 @@ class GsoNativeTun(NativeTun):
             if self._read_error is not None:
                 error, self._read_error = self._read_error, None
                 raise error
+            if io is not None and not self._pending:
+                # The whole batch in one C call (PacketIo.read_gso): the reads,
+                # the header checks and the counters, with the GIL released
+                # once. Under the read lock all the same, as every read is:
+                # the error it keeps and read()'s _pending are this lock's.
+                stored, err = io.read_gso(bufs, sizes, at, overflow)
+                if err:
+                    exc = fd.errno_failure(err, "read")
+                    if not stored:
+                        raise exc
+                    self._read_error = exc
+                return stored
             stored = 0
             while stored < want:
                 room = byte_view(bufs[stored], at)
