@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Final, final
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
     from ._tun import Tun
 
-__all__ = ["Forwarder", "Point2Point"]
+__all__ = ["Forwarder", "ForwarderStats", "Point2Point"]
 
 # Batches read and not yet written. More than one lets the reader run ahead
 # while the writer is in a system call, so neither waits on the other per
@@ -27,6 +28,40 @@ __all__ = ["Forwarder", "Point2Point"]
 _QUEUE_DEPTH: Final = 32
 # Packets a reader moves in one streak of its own writes (see Forwarder._streak).
 _STREAK: Final = 256
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwarderStats:
+    """What a :class:`Forwarder` swallowed since it was made, rather than raise it.
+
+    A Forwarder keeps running through the errors of its Tuns (it closes the
+    one that failed and waits for another): these count them, so that a
+    program can show them and fail on them. A ``ClosedError`` is not an
+    error here: the Tun was closed (swapped, stopped, or by its owner). Each
+    field is exact; they are counted as it happens, off the path of a
+    packet that goes through.
+    """
+
+    # Reads that raised (not ClosedError, not retryable); each closed the read Tun.
+    read_errors: int = 0
+    # Reads that raised a RetryableError and were tried again (the Tun counts what it dropped).
+    read_retries: int = 0
+    # Writes that raised (not ClosedError); each closed the write Tun.
+    write_errors: int = 0
+    # Packets read and never written (a super-packet passed whole counts as one).
+    dropped: int = 0
+    # The last read or write error counted, as "Type: message".
+    last_error: str = ""
+
+    def __add__(self, other: ForwarderStats) -> ForwarderStats:
+        """Both directions' counts together (what :meth:`Point2Point.stats` returns)."""
+        return ForwarderStats(
+            self.read_errors + other.read_errors,
+            self.read_retries + other.read_retries,
+            self.write_errors + other.write_errors,
+            self.dropped + other.dropped,
+            "; ".join(e for e in (self.last_error, other.last_error) if e),
+        )
 
 
 @final
@@ -59,7 +94,8 @@ class Forwarder:
     error, closes that Tun and leaves that side waiting for a new one (the
     batch whose write failed is dropped). :meth:`stop` closes both Tuns,
     joins the threads (``tunkit-fwd-read:<id>``, ``tunkit-fwd-write:<id>``)
-    and returns every pooled buffer.
+    and returns every pooled buffer. :meth:`stats` counts the errors it
+    swallowed and the packets it dropped.
     """
 
     def __init__(self, pool: BufferPool | None = None, *, passthrough: bool = True) -> None:
@@ -73,6 +109,7 @@ class Forwarder:
         self._stopped = False  # guarded by _lock
         self._writing = False  # guarded by _lock; a batch is being written (one at a time)
         self._spare: list[bytearray] = []  # reader thread only: buffers for the next read
+        self._stats = ForwarderStats()  # guarded by _lock; replaced, never changed
         label = f"{id(self):x}"
         self._threads = (
             threading.Thread(target=self._reader, name=f"tunkit-fwd-read:{label}"),
@@ -125,8 +162,37 @@ class Forwarder:
         with self._lock:
             left = list(self._queue)
             self._queue.clear()
+        if left:
+            self._swallowed(dropped=sum(len(b.bufs) - b.done for b in left))
         for batch in left:
             self._release(batch.bufs)
+
+    def stats(self) -> ForwarderStats:
+        """What it swallowed so far: read and write errors, retried reads, dropped packets."""
+        return self._stats
+
+    def _swallowed(
+        self,
+        exc: BaseException | None = None,
+        *,
+        read: bool = False,
+        dropped: int = 0,
+    ) -> None:
+        """Count *exc* (from a read if *read*, else a write; None: none) and *dropped* packets.
+
+        A ``ClosedError`` is not counted, a ``RetryableError`` counts as a retry.
+        """
+        retry = isinstance(exc, RetryableError)
+        error = exc is not None and not retry and not isinstance(exc, ClosedError)
+        with self._lock:
+            st = self._stats
+            self._stats = ForwarderStats(
+                read_errors=st.read_errors + (error and read),
+                read_retries=st.read_retries + retry,
+                write_errors=st.write_errors + (error and not read),
+                dropped=st.dropped + dropped,
+                last_error=f"{type(exc).__name__}: {exc}" if error else st.last_error,
+            )
 
     @property
     def stopped(self) -> bool:
@@ -207,10 +273,11 @@ class Forwarder:
             bufs = spare[:count] if len(spare) > count else spare
             try:
                 n = read(bufs, sizes, offset)
-            except RetryableError:
+            except RetryableError as exc:
+                self._swallowed(exc, read=True)
                 continue
-            except Exception:
-                self._drop_read(tun)
+            except Exception as exc:
+                self._drop_read(tun, exc)
                 continue
             if n <= 0:
                 continue
@@ -228,6 +295,7 @@ class Forwarder:
                     while not self._stopped and len(self._queue) >= _QUEUE_DEPTH:
                         changed.wait()
                     if self._stopped:
+                        self._swallowed(dropped=n)
                         self._release(batch.bufs)
                         return
                     self._queue.append(batch)
@@ -312,23 +380,25 @@ class Forwarder:
             try:
                 if read(bufs, sizes, offset) <= 0:
                     continue
-            except RetryableError:
+            except RetryableError as exc:
+                self._swallowed(exc, read=True)
                 continue
-            except Exception:
-                self._drop_read(src)
+            except Exception as exc:
+                self._drop_read(src, exc)
                 return None
             try:
                 if write((view[: offset + sizes[0]],), offset) <= 0:
                     raise TunError(WRITE_NO_PROGRESS)
             except Exception as exc:
-                if not self._write_failed(dst, exc):
+                if not self._write_failed(dst, exc, 1):
                     return None  # dropped with dst, as _write_or_drop does
                 del spare[:1]
                 return _Batch(bufs, sizes[:1], offset)
         return None
 
-    def _drop_read(self, tun: Tun) -> None:
-        """Close *tun* after it failed; wait for a new one unless it was already swapped."""
+    def _drop_read(self, tun: Tun, exc: Exception) -> None:
+        """Close *tun* after it failed with *exc*; wait for a new one unless it was swapped."""
+        self._swallowed(exc, read=True)
         with self._lock:
             if self._read_tun is tun:
                 self._read_tun = None
@@ -380,25 +450,29 @@ class Forwarder:
         try:
             self._write(tun, batch)
         except Exception as exc:
-            if self._write_failed(tun, exc):
+            if self._write_failed(tun, exc, len(batch.bufs) - batch.done):
                 return False
         if release:
             self._release(batch.bufs)
         return True
 
-    def _write_failed(self, tun: Tun, exc: Exception) -> bool:
+    def _write_failed(self, tun: Tun, exc: Exception, unwritten: int) -> bool:
         """*tun* failed a write with *exc*: close it; return whether the rest goes on.
 
         True when *tun* was swapped out (its ``ClosedError`` came from that):
-        the unwritten packets go to the new write Tun. Else the write Tun is
-        gone (None: batches wait for a new one) and the packets are dropped.
+        the *unwritten* packets go to the new write Tun. Else the write Tun
+        is gone (None: batches wait for a new one) and they are dropped, and
+        counted with the error.
         """
         with self._lock:
             swapped = self._write_tun is not tun
             if not swapped:
                 self._write_tun = None
         close_quietly(tun)
-        return swapped and isinstance(exc, ClosedError) and not self._stopped
+        goes_on = swapped and isinstance(exc, ClosedError) and not self._stopped
+        if not goes_on:
+            self._swallowed(exc, dropped=unwritten)
+        return goes_on
 
     def _write(self, tun: Tun, batch: _Batch) -> None:
         """Write the unwritten packets of *batch* to *tun*, recording progress in ``done``."""
@@ -445,7 +519,8 @@ class Forwarder:
         while batch.done < n:
             i = batch.done
             packet = memoryview(bufs[i])[offset - VNET_HDR_LEN : offset + sizes[i]]
-            write_split(tun, packet, headroom)
+            if not write_split(tun, packet, headroom):
+                self._swallowed(dropped=1)  # malformed: nothing to write
             batch.done += 1
 
 
@@ -496,6 +571,10 @@ class Point2Point:
         """Make *tun* endpoint B: read for A, and written with what A sends."""
         self.b2a.set_read_tun(tun)
         self.a2b.set_write_tun(tun)
+
+    def stats(self) -> ForwarderStats:
+        """Both forwarders' :meth:`Forwarder.stats` together (each direction: ``a2b``, ``b2a``)."""
+        return self.a2b.stats() + self.b2a.stats()
 
     def stop(self) -> None:
         """Stop both forwarders; idempotent."""
