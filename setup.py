@@ -13,13 +13,17 @@ import os
 from setuptools import Extension, setup
 
 _STRICT = ["-Wall", "-Wextra", "-Werror", "-O3", "-std=c11"]
+# One extension module, a unit per concern; the units share _speedups/tunkit.h.
+_UNITS = ["checksum", "split", "coalesce", "packet_io", "module"]
 
 ext_modules = []
 if os.environ.get("TUNKIT_PURE_PYTHON", "") in ("", "0"):
     ext_modules.append(
         Extension(
             "tunkit._speedups",
-            sources=["src/tunkit/_speedups.c"],
+            sources=[f"src/tunkit/_speedups/{unit}.c" for unit in _UNITS],
+            include_dirs=["src/tunkit/_speedups"],
+            depends=["src/tunkit/_speedups/tunkit.h"],
             extra_compile_args=_STRICT + os.environ.get("TUNKIT_CFLAGS", "").split(),
             extra_link_args=os.environ.get("TUNKIT_LDFLAGS", "").split(),
             # A failed build is a warning, not an error: the pure modules stay.

@@ -29,15 +29,20 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import tunkit
 
 
-def bench_tunkit(size: int, batch: int, seconds: float) -> float:
+def bench_tunkit(
+    size: int, batch: int, seconds: float, wrap: Callable[[tunkit.Tun], tunkit.Tun] | None = None
+) -> float:
+    """Packets/s through writer -> pipe -> copy -> pipe -> reader; *wrap* the Tuns copy joins."""
     t1, t2 = tunkit.pipe(batch)
     t3, t4 = tunkit.pipe(batch)
-    copier = threading.Thread(target=tunkit.copy, args=(t2, t3))
+    middle = (t2, t3) if wrap is None else (wrap(t2), wrap(t3))
+    copier = threading.Thread(target=tunkit.copy, args=middle)
     copier.start()
     packet = bytes(size)
     batch_bufs = [packet] * batch

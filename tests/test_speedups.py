@@ -13,11 +13,13 @@ import array
 import contextlib
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from hypothesis import strategies as st
 from oracles import fix_checksums, slow_ones_sum
 from packets import ACK, CWR, ECE, FIN, PSH, RST, SYN, TIMESTAMPS, UDP, Flow, payload_bytes, vnet
 
+import tunkit
 import tunkit._offload as offload
 from tunkit._errors import TooManySegmentsError
 from tunkit._offload import Write, _Malformed, _TooBig
@@ -72,6 +75,23 @@ def test_tunkit_pure_python_forces_the_pure_engine() -> None:
 @pytest.mark.parametrize("value", [None, "", "0"], ids=["unset", "empty", "zero"])
 def test_the_extension_is_used_when_it_loads(value: str | None) -> None:
     assert _engine_in_subprocess(value) == "True native NativeCoalescer tunkit._speedups"
+
+
+def test_a_source_checkout_without_a_build_falls_back_to_pure(tmp_path: Path) -> None:
+    # The C sources' folder, src/tunkit/_speedups/, imports as an empty
+    # namespace package when no extension was built beside it.
+    src = Path(tunkit.__file__).parent
+    shutil.copytree(src, tmp_path / "tunkit", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "TUNKIT_PURE_PYTHON"}
+    env["PYTHONPATH"] = str(tmp_path)
+    code = "import tunkit, tunkit._offload._impl as i; print(tunkit.speedups_enabled(), i.REASON)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+        cwd=tmp_path,
+    )
+    enabled, _, reason = done.stdout.strip().partition(" ")
+    assert enabled == "False"
+    assert reason == "tunkit._speedups is not built (only its C sources are here)"
 
 
 def test_speedups_enabled_says_which_engine_runs() -> None:

@@ -3,14 +3,18 @@
 A batched :class:`Tun` protocol compatible with wireguard-go's (a port of the
 Go package ``github.com/asciimoth/gonnect/tun``), in-memory :class:`Channel`
 and :func:`pipe`, an ``io`` adapter, :func:`copy`, :class:`Forwarder`,
-:class:`Point2Point`, buffer pools, and a Linux device with kernel offloads.
+:class:`Point2Point`, buffer pools, and a Linux device with kernel offloads;
+:func:`capture` records what crosses a Tun into a pcapng file (:mod:`tunkit.pcap`)
+and :mod:`tunkit.packet` sums a packet up in one line.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import packet, pcap
 from ._callback import CallbackTun
+from ._capture import capture
 from ._channel import Channel
 from ._copy import copy
 from ._errors import (
@@ -79,9 +83,12 @@ __all__ = [
     "TunStats",
     "WriteOnClosedChannelError",
     "WriteOnClosedPipeError",
+    "capture",
     "copy",
     "create_tun",
     "open_tun",
+    "packet",
+    "pcap",
     "pipe",
     "speedups_enabled",
 ]

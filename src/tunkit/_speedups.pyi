@@ -1,4 +1,4 @@
-# Type stub of the optional C extension built from _speedups.c (see _offload/_impl.py).
+# Type stub of the optional C extension built from _speedups/*.c (see _offload/_impl.py).
 from collections.abc import MutableSequence, Sequence
 from typing import final
 

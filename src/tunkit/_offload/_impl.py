@@ -1,6 +1,6 @@
 """Pick the offload engine's kernels at import: the C extension if it loads, else pure Python.
 
-``tunkit._speedups`` (``src/tunkit/_speedups.c``) holds C twins of the hot
+``tunkit._speedups`` (built from ``src/tunkit/_speedups/*.c``) holds C twins of the hot
 functions: the checksum, ``split`` and ``Coalescer.coalesce``. They behave
 exactly as the pure modules do (the test suite runs on both, and hypothesis
 compares them byte for byte); only the speed differs. The extension is
@@ -104,6 +104,10 @@ def _load() -> tuple[ModuleType | None, str]:
         from .. import _speedups
     except ImportError as exc:  # not built (no compiler at install), or broken
         return None, f"tunkit._speedups did not load: {exc}"
+    if not hasattr(_speedups, "bind"):
+        # In a source checkout without a build, the C sources' folder
+        # src/tunkit/_speedups/ imports as an empty namespace package.
+        return None, "tunkit._speedups is not built (only its C sources are here)"
     _speedups.bind(_Malformed, _TooBig, TooManySegmentsError, Write, ZERO_VNET_HDR)
     return _speedups, "tunkit._speedups is loaded"
 
