@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Final, final
@@ -85,6 +84,9 @@ class GsoNativeTun(NativeTun):
         self._refused = 0  # kinds refused (_REFUSED_TCP, _REFUSED_UDP), as PacketIo.write_gso takes
         self._seg_bufs: list[bytearray] = []  # segments of a refused super-packet
         self._seg_sizes: list[int] = []
+        # An error that cost packets (dropped below the count a write returned),
+        # raised by the next write or write_gso.
+        self._write_error: OSError | None = None
         super().__init__(
             fd, name, vnet_hdr=vnet_hdr, offload_flags=offload_flags, ns_fd=ns_fd, monitor=monitor
         )
@@ -197,58 +199,80 @@ class GsoNativeTun(NativeTun):
         packets are written one by one, that kind of coalescing is turned off
         for the device, and ``stats().gro_refused`` counts it. A packet the
         kernel refuses is dropped and counted as in :meth:`NativeTun.write`.
-        When another error hits after some packets went out, returns how many
-        leading packets were sent and the caller's retry raises it.
+
+        The count returned means: these first packets were handled, and no
+        later one was sent, so a retry of ``bufs[count:]`` sends no packet
+        twice. The writes go out flow by flow, so when one fails after others
+        went out, the count is 1 + the index of the last packet that went
+        out; a packet below it that did not go out (of a flow written later)
+        is dropped and counted (``dropped_write``), and the error that cost
+        it is raised by the next call.
 
         Raises:
             OffsetError: *offset* is below ``mwo()``.
             ClosedError: the device is closed, or closes during the call.
-            OSError: any other refusal of the first write.
+            OSError: any other refusal of the first write, or the error kept
+                by the call before.
         """
         if offset < HEADROOM:
             check_offset("write", offset, HEADROOM)
         fd = self._fd
         with self._write_lock:
+            if self._write_error is not None:
+                error, self._write_error = self._write_error, None
+                raise error
             writes = self._coalescer.coalesce(bufs, offset)
-            done = 0  # leading packets of the batch handled so far
-            for w in writes:
-                try:
-                    if w.gso and self._was_refused(w.iov[0][1]):
-                        # Refused earlier in this batch: the coalescer heard of
-                        # it too late to leave this one whole.
-                        self._write_apart(w)
-                        done = w.prefix
-                        continue
+            for k, w in enumerate(writes):
+                # A super-packet of a kind refused earlier in this batch (the
+                # coalescer heard of it too late to leave it whole) goes apart.
+                if not w.gso or not self._was_refused(w.iov[0][1]):
                     try:
                         n = fd.call_locked(_writev, w.iov, "write")
                     except OSError as exc:
                         if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
-                            raise
-                        if exc.errno == errno.EINVAL and w.gso:
-                            self._refuse(w.iov[0][1])
-                            self._write_apart(w)
-                        else:
+                            return self._write_failed(writes, k, 0, exc)
+                        if exc.errno != errno.EINVAL or not w.gso:
                             self._dropped_write += len(w.packets)
-                        done = w.prefix
+                            continue
+                        self._refuse(w.iov[0][1])  # and apart, below
+                    else:
+                        if w.gso:
+                            self._gro_coalesced += len(w.packets)
+                            self._packets_written += len(w.packets)
+                            self._bytes_written += sum(map(len, w.packets))
+                        else:
+                            self._packets_written += 1
+                            self._bytes_written += n - VNET_HDR_LEN
                         continue
-                except OSError:
-                    if done:
-                        return done  # the caller's retry meets the error
-                    raise
-                done = w.prefix
-                if w.gso:
-                    self._gro_coalesced += len(w.packets)
-                    self._packets_written += len(w.packets)
-                    self._bytes_written += sum(map(len, w.packets))
-                else:
-                    self._packets_written += 1
-                    self._bytes_written += n - VNET_HDR_LEN
+                for j, iov in enumerate(w.one_by_one()):
+                    try:
+                        self._write_one(iov)
+                    except OSError as exc:
+                        return self._write_failed(writes, k, j, exc)
             return len(bufs)
 
-    def _write_apart(self, w: Write) -> None:
-        """Write the packets of *w* one by one (GSO_NONE), dropping and counting refusals."""
-        for iov in w.one_by_one():
-            self._write_one(iov)
+    def _write_failed(self, writes: list[Write], k: int, j: int, exc: OSError) -> int:
+        """What :meth:`write` returns when ``writes[k]`` failed with *exc* after *j* of its
+        packets (written one by one) and every earlier write were handled.
+
+        Raises:
+            OSError: *exc*, when no packet was handled.
+        """
+        handled = [i for w in writes[:k] for i in w.indices]
+        handled += writes[k].indices[:j]
+        if not handled:
+            raise exc
+        count = max(handled) + 1
+        lost = sum(i < count for i in writes[k].indices[j:])
+        lost += sum(i < count for w in writes[k + 1 :] for i in w.indices)
+        if lost:
+            # Below the count but never sent: dropped, and the error that cost
+            # them is raised by the next call. (With none lost, the caller's
+            # retry starts with the packet that failed, and meets the error
+            # or sends it.)
+            self._dropped_write += lost
+            self._write_error = exc
+        return count
 
     def _was_refused(self, gso_type: int) -> bool:
         """Whether the kernel refused a super-packet of *gso_type*'s kind before."""
@@ -371,94 +395,103 @@ class GsoNativeTun(NativeTun):
         refuses (EINVAL, a kernel without USO say) is split and written
         segment by segment, and that kind is split first from then on
         (``stats().gro_refused``): nothing is lost. Other refusals are
-        dropped and counted as in :meth:`write`. When another error hits
-        after some packets went out, returns how many were handled.
+        dropped and counted as in :meth:`write`. The packets go out in order:
+        when another error hits after some went out, returns how many were
+        handled, and the caller's retry starts with the one that failed. (If
+        it failed between the segments of a split super-packet, that one
+        counts as handled, its other segments are dropped and counted, and
+        the error is raised by the next call: a retry sends no segment twice.)
 
         Raises:
             OffsetError: *offset* is below ``mwo()``.
             ClosedError: the device is closed, or closes during the call.
-            OSError: any other refusal of the first packet.
+            OSError: any other refusal of the first packet, or the error kept
+                by the call before.
         """
         if offset < HEADROOM:
             check_offset("write", offset, HEADROOM)
         io = self._io
         if io is None:
             return self._write_gso_pure(bufs, offset)
-        # The batch in C (PacketIo.write_gso); a packet it hands back (a kind
-        # the kernel refused, or an error) goes through the Python path alone.
-        at = offset - VNET_HDR_LEN
-        total = len(bufs)
-        done = 0
-        while done < total:
-            rest = bufs if not done else list(itertools.islice(bufs, done, None))
-            n, err = io.write_gso(rest, at, self._refused)
-            done += n
-            if err == 0 or err == -errno.EINTR:
-                continue
-            if err != _SPLIT_FIRST and err != -errno.EINVAL:
-                exc = self._fd.errno_failure(err, "write")
-                if done:
-                    return done  # the caller's retry meets the error
-                raise exc
-            # A super-packet of a kind the kernel refused before, or refuses
-            # now (EINVAL): split and written segment by segment, as in
-            # _write_gso_pure; the first refusal of a kind turns it off.
-            data = byte_view(bufs[done], at)
-            with self._write_lock:
-                try:
-                    if self._write_split(data) and err != _SPLIT_FIRST:
-                        self._refuse(data[1])
-                except OSError:
-                    if done:
-                        return done
-                    raise
-            done += 1
-        return done
+        if self._write_error is not None:  # a hint: _write_gso_pure raises it, under the lock
+            return self._write_gso_pure(bufs, offset)
+        # The batch in C (PacketIo.write_gso). A packet it hands back (a kind
+        # the kernel refused, before or now) and the rest of the batch go the
+        # Python way: each packet is handled once, whatever number of them
+        # are handed back.
+        n, err = io.write_gso(bufs, offset - VNET_HDR_LEN, self._refused)
+        if not err:
+            return n
+        if err == _SPLIT_FIRST or err == -errno.EINVAL:
+            return self._write_gso_pure(bufs, offset, n, refused=err == -errno.EINVAL)
+        if n:
+            return n  # in order: the caller's retry starts with the packet that failed
+        raise self._fd.errno_failure(err, "write")
 
-    def _write_gso_pure(self, bufs: Sequence[ReadableBuffer], offset: int) -> int:
+    def _write_gso_pure(
+        self, bufs: Sequence[ReadableBuffer], offset: int, done: int = 0, refused: bool = False
+    ) -> int:
+        """:meth:`write_gso` in Python, from ``bufs[done]`` on; return the count handled.
+
+        *refused*: the kernel has just refused ``bufs[done]`` (EINVAL), a super-packet.
+        """
         call = self._fd.call_locked
         at = offset - VNET_HDR_LEN
-        done = 0
         with self._write_lock:
-            for buf in bufs:
-                data = byte_view(buf, at)
+            if self._write_error is not None:
+                error, self._write_error = self._write_error, None
+                if done:
+                    self._write_error = error  # still the next call's
+                    return done
+                raise error
+            for i in range(done, len(bufs)):
+                data = byte_view(bufs[i], at)
                 kind = data[1] & ~VIRTIO_NET_HDR_GSO_ECN if len(data) > 1 else 0
+                gso = kind != VIRTIO_NET_HDR_GSO_NONE
                 try:
-                    if kind != VIRTIO_NET_HDR_GSO_NONE and self._was_refused(kind):
-                        self._write_split(data)
-                        done += 1
-                        continue
-                    try:
-                        call(_write, data, "write")
-                    except OSError as exc:
-                        if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
-                            raise
-                        if exc.errno == errno.EINVAL and kind != VIRTIO_NET_HDR_GSO_NONE:
-                            if self._write_split(data):
-                                self._refuse(kind)
+                    apart = gso and (refused or self._was_refused(kind))
+                    if not apart:
+                        try:
+                            call(_write, data, "write")
+                        except OSError as exc:
+                            if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                                raise
+                            apart = gso and exc.errno == errno.EINVAL
+                            if not apart:
+                                self._dropped_write += 1
                         else:
-                            self._dropped_write += 1
-                        done += 1
-                        continue
+                            self._count_written(data)
+                    # A kind refused before is split first; the first refusal
+                    # of a kind turns it off.
+                    if apart and self._write_split(data) and not self._was_refused(kind):
+                        self._refuse(kind)
                 except OSError:
                     if done:
-                        return done  # the caller's retry meets the error
+                        return done  # in order: the caller's retry starts with this one
                     raise
+                refused = False
                 done += 1
-                segments, hdr_len = gso_segments(data)
-                if hdr_len:
-                    self._gso_written += 1
-                segments = segments or 1  # not ours to judge: the kernel took it
-                ip_len = len(data) - VNET_HDR_LEN
-                self._packets_written += segments
-                self._bytes_written += ip_len + (segments - 1) * hdr_len
+                if self._write_error is not None:
+                    return done  # a split that failed after some segments went out
         return done
+
+    def _count_written(self, data: memoryview) -> None:
+        """Count what a whole kernel packet (header + packet) written as it is carried."""
+        segments, hdr_len = gso_segments(data)
+        if hdr_len:
+            self._gso_written += 1
+        segments = segments or 1  # not ours to judge: the kernel took it
+        self._packets_written += segments
+        self._bytes_written += len(data) - VNET_HDR_LEN + (segments - 1) * hdr_len
 
     def _write_split(self, data: memoryview) -> bool:
         """Split super-packet *data* (header + packet) and write the segments one by one.
 
         Returns whether it could be split; one that cannot is dropped and
         counted in ``dropped_write``. Called with the write lock held.
+
+        Raises:
+            OSError: the first segment's write failed (nothing went out).
         """
         segments, hdr_len = gso_segments(data)
         if not segments:
@@ -478,5 +511,15 @@ class GsoNativeTun(NativeTun):
             return False
         for i in range(count):
             seg = memoryview(self._seg_bufs[i])[: VNET_HDR_LEN + self._seg_sizes[i]]
-            self._write_one([seg])
+            try:
+                self._write_one([seg])
+            except OSError as exc:
+                if not i:
+                    raise
+                # Part of it went out: the super-packet was handled (a retry
+                # must not send those segments again); the rest is dropped,
+                # and the error that cost it is raised by the next call.
+                self._dropped_write += count - i
+                self._write_error = exc
+                break
         return True
