@@ -47,14 +47,16 @@ _write: Final = os.write
 # read and write of a device without offload, and read_gso/write_gso of one
 # with it. Each call does the system calls, poll() when the device is not
 # ready, the header checks and the counters with the GIL released once and no
-# lock. Per packet, what Python runs around the system call decides the speed:
+# lock per packet (read_gso takes the read lock once per batch). Per packet, what Python runs around the system call decides the speed:
 # on pair-load, read/write in Python (a lock, counters, a memoryview and a
 # slice per packet) reached 0.5-0.65x a bare os.readv/os.write loop, PacketIo
 # ~1x; super-packets passed whole went from ~0.55x veth to ~0.85x. Devices made
 # while this is None (tests rebind it) use the Python path.
 _packet_io = PACKET_IO
 # What the kernel says when it refuses one written packet: EIO while the link
-# is down, EINVAL for bytes that are not an IPv4 or IPv6 packet.
+# is down, EINVAL for bytes that are not an IPv4 or IPv6 packet (for a
+# super-packet, EINVAL means the kernel lacks that offload: the caller splits
+# it). The Python paths' copy of PacketIo's rule (packet_io.c, write_dropped).
 _DROPPED_ON_WRITE: Final = frozenset({errno.EIO, errno.EINVAL})
 @dataclasses.dataclass(frozen=True, slots=True)
 class TunStats:
@@ -275,9 +277,10 @@ class NativeTun:
         Returns how many were handled. A packet the kernel refuses (EIO while
         the link is down, EINVAL for bytes that are not IPv4 or IPv6) is
         dropped and counted in ``stats().dropped_write``, as a real link loses
-        it. When another error hits packet ``i > 0``, returns ``i`` and the
-        caller's retry of that packet raises it. The bytes in front of
-        *offset* are left unchanged.
+        it. The packets go out in order: when another error hits packet
+        ``i > 0``, returns ``i``, and the caller's retry starts with that
+        packet (it meets the error again, or the packet goes). The bytes in
+        front of *offset* are left unchanged.
 
         Raises:
             OffsetError: *offset* is below ``mwo()``.
@@ -291,14 +294,12 @@ class NativeTun:
             return self._write_pure(bufs, offset)
         done = 0
         for buf in bufs:
+            # 0 is a packet the kernel refused: PacketIo dropped and counted it.
             n = io.write(buf, offset)
             if n < 0:
-                if -n not in _DROPPED_ON_WRITE:
-                    if done:
-                        return done
-                    raise self._fd.errno_failure(n, "write")
-                with self._write_lock:
-                    self._dropped_write += 1  # lost as on a real link (see _write_pure)
+                if done:
+                    return done  # the caller's retry starts with the packet that failed
+                raise self._fd.errno_failure(n, "write")
             done += 1
         return done
 
