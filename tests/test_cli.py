@@ -1,57 +1,92 @@
-"""The tunkit command line, run as a real subprocess."""
+"""The tunkit command line, run as a real subprocess; ``tunkit demo`` and how commands end."""
+
+# ruff: noqa: F811  (fixtures imported from netns_util are parameters here)
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
-import sys
+import threading
 import time
 
 import pytest
+from cli_util import (
+    ENV80,
+    TUNKIT,
+    ChildWatch,
+    assert_readable_at_80,
+    our_namespaces,
+    run_tunkit,
+)
 from netns_util import root  # noqa: F401 - fixture
 
-TUNKIT = [sys.executable, "-m", "tunkit"]
+from tunkit._linux.netns import create_netns, delete_netns, list_netns
+from tunkit.cli import children, demo_memory
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run([*TUNKIT, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, check=False)
-
-
-def _our_namespaces(pid: int) -> list[str]:
-    try:
-        names = os.listdir("/var/run/netns")
-    except FileNotFoundError:
-        return []
-    return [n for n in names if n.startswith(f"tk-{pid}-")]
-
-
-def test_memory_demo_prints_its_table_with_zero_errors() -> None:
-    proc = _run("demo", "--memory", "--packets", "3000")
+def test_memory_demo_prints_its_table_with_zero_errors_in_80_columns() -> None:
+    proc = run_tunkit("demo", "--memory", "--packets", "3000")
     assert proc.returncode == 0, proc.stderr
     assert "in-memory demo" in proc.stdout
     lines = [line for line in proc.stdout.splitlines() if "3,000" in line]
     assert len(lines) == 2, proc.stdout  # both directions moved every packet
     assert all(line.rstrip(" │").endswith("0") for line in lines)
     assert "Traceback" not in proc.stderr
+    assert_readable_at_80(proc.stdout)
 
 
-def test_demo_help_explains_with_an_example() -> None:
-    proc = _run("demo", "--help")
+def test_memory_demo_times_each_direction_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # B → A starts only once A → B has delivered everything: the two run one
+    # after the other, so their own times add up to no more than the whole.
+    a2b_done = threading.Event()
+    receive_batched, send_batched = demo_memory._receive_batched, demo_memory._send_batched
+
+    def receive_then_tell(*args: object) -> None:
+        receive_batched(*args)  # type: ignore[arg-type]
+        a2b_done.set()
+
+    def send_after_a2b(*args: object) -> None:
+        a2b_done.wait(60)
+        send_batched(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(demo_memory, "_receive_batched", receive_then_tell)
+    monkeypatch.setattr(demo_memory, "_send_batched", send_after_a2b)
+    start = time.perf_counter()
+    a2b, b2a = demo_memory.run_memory_demo(2000, 32)
+    whole = time.perf_counter() - start
+    assert (a2b.received, b2a.received, a2b.errors, b2a.errors) == (2000, 2000, 0, 0)
+    assert a2b.seconds > 0 and b2a.seconds > 0
+    assert a2b.seconds + b2a.seconds <= whole
+    assert a2b.packets_per_second == 2000 / a2b.seconds
+
+
+@pytest.mark.parametrize(
+    ("command", "default"),
+    [("demo", "(default: 3)"), ("bench", "(default: 10.0)"), ("bridge", "(default: 5.0)"),
+     ("create", "(default 1500)"), ("delete", "")],
+)
+def test_every_help_explains_with_an_example_and_shows_defaults(
+    command: str, default: str,
+) -> None:
+    proc = run_tunkit(command, "--help")
     assert proc.returncode == 0
-    assert "example" in proc.stdout and "tunkit demo" in proc.stdout
+    assert "examples:" in proc.stdout and f"tunkit {command}" in proc.stdout
+    assert default in proc.stdout
+    assert "(default: [])" not in proc.stdout
+    assert "(default: None)" not in proc.stdout and "(default: False)" not in proc.stdout
+    assert_readable_at_80(proc.stdout)
 
 
 @pytest.mark.parametrize("args", [("demo", "--packets", "0"), ("demo", "--bogus"), ("nope",), ()])
 def test_bad_arguments_exit_2_with_usage_and_no_traceback(args: tuple[str, ...]) -> None:
-    proc = _run(*args)
+    proc = run_tunkit(*args)
     assert proc.returncode == 2
     assert "usage:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_demo_without_root_falls_back_to_memory_in_one_line(root: None) -> None:  # noqa: F811
+def test_demo_without_root_falls_back_to_memory_in_one_line(root: None) -> None:
     # setpriv drops the capabilities an ordinary user lacks.
     drop = "-net_admin,-sys_admin"
     proc = subprocess.run(
@@ -67,41 +102,122 @@ def test_demo_without_root_falls_back_to_memory_in_one_line(root: None) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_real_demo_runs_and_leaves_nothing_behind(root: None) -> None:  # noqa: F811
+def test_real_demo_runs_reads_in_80_columns_and_leaves_nothing_behind(root: None) -> None:
     proc = subprocess.Popen([*TUNKIT, "demo", "--seconds", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "160"})
+                            stderr=subprocess.PIPE, text=True, env=ENV80)
     out, err = proc.communicate(timeout=150)
     assert proc.returncode == 0, out + err
     assert "IPv4" in out and "IPv6" in out and "Gbit/s" in out and "errors: 0" in out
-    assert _our_namespaces(proc.pid) == []
+    assert_readable_at_80(out)
+    assert our_namespaces(proc.pid) == []
+
+
+def _is_ping(cmdline: str) -> bool:
+    return " ping " in f" {cmdline} "
+
+
+def _is_tcp_end(cmdline: str) -> bool:
+    return "create_server" in cmdline or "create_connection" in cmdline
 
 
 @pytest.mark.timeout(180)
-def test_demo_killed_mid_run_cleans_up_and_the_next_run_leaves_nothing(
-    root: None,  # noqa: F811
+@pytest.mark.parametrize(
+    ("sig", "phase", "status"),
+    [(signal.SIGTERM, _is_ping, 143), (signal.SIGINT, _is_tcp_end, 130)],
+    ids=["sigterm-during-ping", "ctrl-c-during-tcp"],
+)
+def test_demo_ended_by_a_signal_exits_128_plus_it_and_ends_every_child(
+    root: None, sig: signal.Signals, phase: object, status: int,
 ) -> None:
     proc = subprocess.Popen([*TUNKIT, "demo", "--seconds", "20"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not _our_namespaces(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _our_namespaces(proc.pid), "the demo made no namespace"
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert _our_namespaces(proc.pid) == []
-    # A SIGKILL leaves leftovers that the next run removes.
+    watch = ChildWatch(proc.pid)
+    try:
+        watch.wait_for(phase)  # type: ignore[arg-type]
+        time.sleep(0.3)
+        watch.look()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == status, err
+        assert err.strip().splitlines() == [f"tunkit: interrupted ({sig.name})"]
+        # Every child ended before it did: none was left running on its own.
+        assert watch.running() == {}
+        assert our_namespaces(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        watch.close()
+
+
+@pytest.mark.timeout(240)
+def test_demo_killed_its_children_die_with_it_and_the_next_run_cleans_up(root: None) -> None:
     proc = subprocess.Popen([*TUNKIT, "demo", "--seconds", "20"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while len(_our_namespaces(proc.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    assert _our_namespaces(proc.pid), "SIGKILL left nothing to clean up"
-    again = _run("demo", "--seconds", "1", timeout=150)
+    watch = ChildWatch(proc.pid)
+    try:
+        watch.wait_for(lambda c: "create_server" in c)  # the TCP receiver, in namespace B
+        watch.wait_for(lambda c: "create_connection" in c)
+        proc.kill()
+        proc.wait()
+        assert our_namespaces(proc.pid), "SIGKILL left nothing to clean up"
+        # The kernel ends them (PR_SET_PDEATHSIG): no receiver left waiting forever.
+        assert watch.running(timeout=10) == {}
+    finally:
+        watch.close()
+    again = run_tunkit("demo", "--seconds", "1", timeout=150)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert _our_namespaces(proc.pid) == []
+    assert our_namespaces(proc.pid) == []
+
+
+@pytest.mark.timeout(60)
+def test_leftovers_of_a_dead_run_are_ended_and_nothing_else(root: None) -> None:
+    gone = subprocess.Popen(["true"])  # stands for a tunkit run that has died
+    gone.wait()
+    ns = f"tk-{gone.pid}-demo-b"
+    create_netns(ns)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str], maker: int | None) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        if maker is not None:
+            env[children.MARK] = str(maker)
+        procs.append(subprocess.Popen(argv, env=env))
+        return procs[-1]
+
+    try:
+        left = start(["ip", "netns", "exec", ns, "sleep", "60"], gone.pid)
+        unmarked = start(["ip", "netns", "exec", ns, "sleep", "60"], None)
+        live_maker = start(["sleep", "60"], None)
+        of_live_run = start(["sleep", "60"], live_maker.pid)
+        deadline = time.monotonic() + 10
+        while not all(_execed(p.pid, "sleep") for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ended, removed = children.remove_leftovers("tk")
+        assert left.pid in ended and left.wait(5) == -signal.SIGKILL
+        assert not {unmarked.pid, live_maker.pid, of_live_run.pid} & set(ended)
+        assert [p.poll() for p in (unmarked, live_maker, of_live_run)] == [None, None, None]
+        assert ns in removed and ns not in list_netns()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        if ns in list_netns():
+            delete_netns(ns)
+
+
+def _execed(pid: int, program: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == program
+    except OSError:
+        return False
+
+
+def test_top_level_help_names_every_command_in_80_columns() -> None:
+    proc = run_tunkit("--help")
+    assert proc.returncode == 0 and re.search(r"demo.*bench.*bridge", proc.stdout, re.S)
+    assert_readable_at_80(proc.stdout)
 
 
 def test_native_demo_exits_1_and_says_what_a_forwarder_swallowed(

@@ -15,8 +15,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 IN_MEMORY = [b for b in BLOCKS if "create_tun" not in b]
 
 
-@pytest.mark.parametrize("block", IN_MEMORY, ids=[f"block{i}" for i in range(len(IN_MEMORY))])
-def test_readme_example_runs_and_prints_what_it_says(block: str) -> None:
+def _runs_and_prints_what_it_says(block: str) -> None:
     expected = [m.group(1) for m in re.finditer(r"print\(.*\)  # (.*)$", block, re.M)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -24,7 +23,28 @@ def test_readme_example_runs_and_prints_what_it_says(block: str) -> None:
     assert out.getvalue().splitlines() == expected
 
 
-NATIVE = [b for b in BLOCKS if "create_tun" in b]
+@pytest.mark.parametrize("block", IN_MEMORY, ids=[f"block{i}" for i in range(len(IN_MEMORY))])
+def test_readme_example_runs_and_prints_what_it_says(block: str) -> None:
+    _runs_and_prints_what_it_says(block)
+
+
+# The privilege-separated worker: root makes the devices, a worker without privilege moves them.
+WORKER = [b for b in BLOCKS if "drop_privileges" in b]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("block", WORKER, ids=[f"worker{i}" for i in range(len(WORKER))])
+def test_readme_worker_example_runs_and_prints_what_it_says(
+    block: str, root: None  # noqa: F811
+) -> None:
+    _runs_and_prints_what_it_says(block)
+
+
+def test_readme_has_the_worker_example() -> None:
+    assert len(WORKER) == 1
+
+
+NATIVE = [b for b in BLOCKS if "create_tun" in b and b not in WORKER]
 
 
 @pytest.mark.timeout(60)

@@ -39,19 +39,31 @@ from ._tunio import TunIO
 
 if TYPE_CHECKING:
     from ._linux.device import NativeTun, TunStats, create_tun, open_tun
+    from ._linux.passing import recv_tun, send_tun
+    from ._linux.persist import attach_tun, delete_tun
 
 __version__ = "0.1.0"
 
 # The Linux device needs pyroute2; it is imported on first use, so the
 # in-memory core imports nothing beyond the standard library.
-_LINUX_NAMES = frozenset({"NativeTun", "TunStats", "create_tun", "open_tun"})
+_LINUX_NAMES = {
+    "NativeTun": "device",
+    "TunStats": "device",
+    "create_tun": "device",
+    "open_tun": "device",
+    "attach_tun": "persist",
+    "delete_tun": "persist",
+    "send_tun": "passing",
+    "recv_tun": "passing",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LINUX_NAMES:
-        from ._linux import device
+    module = _LINUX_NAMES.get(name)
+    if module is not None:
+        import importlib
 
-        value = getattr(device, name)
+        value = getattr(importlib.import_module(f"._linux.{module}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tunkit' has no attribute {name!r}")
@@ -83,12 +95,16 @@ __all__ = [
     "TunStats",
     "WriteOnClosedChannelError",
     "WriteOnClosedPipeError",
+    "attach_tun",
     "capture",
     "copy",
     "create_tun",
+    "delete_tun",
     "open_tun",
     "packet",
     "pcap",
     "pipe",
+    "recv_tun",
+    "send_tun",
     "speedups_enabled",
 ]

@@ -17,9 +17,18 @@ from .._offload.headers import byte_view
 from .._offload.vnet import VNET_HDR_LEN
 from .._tun import check_offset
 from . import netlink
-from .constants import IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, IFNAMSIZ
+from .constants import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_PERSIST, IFF_TUN, IFF_VNET_HDR, IFNAMSIZ
 from .fd import PACKET_IO, _Descriptor
-from .ioctl import enable_vnet, get_iff, open_dev_tun, set_iff, set_offload
+from .ioctl import (
+    enable_vnet,
+    get_iff,
+    open_dev_tun,
+    set_group,
+    set_iff,
+    set_offload,
+    set_owner,
+    set_persist,
+)
 from .netns import inside as netns_inside
 from .netns import open_netns
 
@@ -47,9 +56,10 @@ _write: Final = os.write
 # read and write of a device without offload, and read_gso/write_gso of one
 # with it. Each call does the system calls, poll() when the device is not
 # ready, the header checks and the counters with the GIL released once and no
-# lock per packet (read_gso takes the read lock once per batch). Per packet, what Python runs around the system call decides the speed:
-# on pair-load, read/write in Python (a lock, counters, a memoryview and a
-# slice per packet) reached 0.5-0.65x a bare os.readv/os.write loop, PacketIo
+# lock per packet (read_gso takes the read lock once per batch). Per packet,
+# what Python runs around the system call decides the speed: on pair-load,
+# read/write in Python (a lock, counters, a memoryview and a slice per
+# packet) reached 0.5-0.65x a bare os.readv/os.write loop, PacketIo
 # ~1x; super-packets passed whole went from ~0.55x veth to ~0.85x. Devices made
 # while this is None (tests rebind it) use the Python path.
 _packet_io = PACKET_IO
@@ -509,21 +519,31 @@ def _make(
     offload_flags: int,
     ns_fd: int | None,
     mtu: int | None,
+    *,
+    monitor: netlink.LinkMonitor | None = None,
+    cap_segs: bool | None = None,
 ) -> NativeTun:
-    """Bind the event socket, apply *mtu*, and wrap *fd*; on error close nothing of *fd*."""
-    monitor = netlink.LinkMonitor.open(ns_fd, name)
+    """Bind the event socket (or take *monitor*), apply *mtu*, and wrap *fd*.
+
+    *cap_segs* caps the kernel's super-packets at ``BATCH_OFFLOAD`` segments
+    (default: when *vnet_hdr*). Takes ownership of *monitor*, also on error;
+    on error closes nothing of *fd* and *ns_fd*.
+    """
+    if monitor is None:
+        monitor = netlink.LinkMonitor.open(ns_fd, name)
     try:
         if mtu is not None and mtu != monitor.state.mtu:
             netlink.set_mtu(ns_fd, monitor.state.ifindex, mtu)
             # The kernel's answer to our own change is not an event: start from it.
             monitor.note_mtu(mtu)
-        if vnet_hdr:
+        if vnet_hdr if cap_segs is None else cap_segs:
             # A super-packet of more segments than a read's batch_size()
             # buffers cannot be split into them: at an MTU below ~560 a 64 KB
             # one has more than 128. Capped here, the kernel builds none
             # larger (it segments the rest itself). An older kernel that
-            # cannot change it keeps its default: such packets are then
-            # dropped and counted by read (TooManySegmentsError).
+            # cannot change it, or a caller without CAP_NET_ADMIN, keeps the
+            # default: such packets are then dropped and counted by read
+            # (TooManySegmentsError).
             with contextlib.suppress(OSError):
                 netlink.set_gso_max_segs(ns_fd, monitor.state.ifindex, BATCH_OFFLOAD)
         from .gso_device import GsoNativeTun  # a subclass of NativeTun: imported here
@@ -537,8 +557,30 @@ def _make(
         raise
 
 
+def set_offloads(fd: int, vnet_hdr: bool) -> int:
+    """Set the offloads that the virtio header of *fd* demands; return the TUN_F_* accepted.
+
+    With the header, the offloads are asked for (:func:`enable_vnet`).
+    Without it they are switched off: a persistent device keeps the offloads
+    an earlier owner asked for, and without the header the kernel would then
+    hand over super-packets with nothing to say so.
+    """
+    if vnet_hdr:
+        return enable_vnet(fd)
+    set_offload(fd, 0)
+    return 0
+
+
 def create_tun(
-    name: str = "", mtu: int = 1500, *, offload: bool = True, netns: str | None = None
+    name: str = "",
+    mtu: int = 1500,
+    *,
+    offload: bool = True,
+    netns: str | None = None,
+    persist: bool = False,
+    owner: int | str | None = None,
+    group: int | str | None = None,
+    multi_queue: bool = False,
 ) -> NativeTun:
     """Create a TUN device, in network namespace *netns* if given, and return it, down.
 
@@ -552,33 +594,61 @@ def create_tun(
     kernel's offloads are switched off (no super-packets), the batch size is
     1, and it is a plain :class:`NativeTun`.
 
+    With *persist* the device stays after its last descriptor closes
+    (TUNSETPERSIST), until :func:`tunkit.delete_tun`. *owner* and *group* (an
+    id or a name) let that user, or members of that group, attach to it
+    later without CAP_NET_ADMIN (TUNSETOWNER, TUNSETGROUP; with both, the
+    kernel asks for both). A persistent device given neither is owned by
+    this process's user: the kernel would otherwise let anyone who can open
+    ``/dev/net/tun`` attach to it. With *multi_queue* (IFF_MULTI_QUEUE) each
+    :func:`tunkit.attach_tun` of the name adds a queue; this object is the
+    first.
+
     Raises:
-        ValueError: a bad *name* or *mtu*, before any system call.
+        ValueError: a bad *name*, *mtu*, *owner* or *group*, before any system call.
         FileNotFoundError: *netns* does not exist, or there is no ``/dev/net/tun``.
         PermissionError: no CAP_NET_ADMIN (the message names it).
         FileExistsError: *name* is in use.
     """
+    from .owners import resolve_group, resolve_user
+
     check_name(name)
     _check_mtu(mtu)
+    uid = None if owner is None else resolve_user(owner)
+    gid = None if group is None else resolve_group(group)
+    if persist and uid is None and gid is None:
+        uid = os.geteuid()
     ns_fd = _netns_fd(netns)
     fd = -1
+    made_persistent = False
     try:
         with netns_inside(ns_fd):
             # The device is made in the namespace of the opener of /dev/net/tun.
             fd = open_dev_tun()
             flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+            if multi_queue:
+                flags |= IFF_MULTI_QUEUE
             real_name = set_iff(fd, name, flags)
-            # A persistent device may keep offloads that an earlier owner
-            # asked for: without the virtio header they would hand over
-            # super-packets with nothing to say so. Reset them.
-            if offload:
-                offload_flags = enable_vnet(fd)
-            else:
-                set_offload(fd, 0)
-                offload_flags = 0
-            return _make(fd, real_name, offload, offload_flags, ns_fd, mtu)
+            if persist and not get_iff(fd)[1] & IFF_PERSIST:
+                set_persist(fd, True)
+                made_persistent = True
+            if uid is not None:
+                set_owner(fd, uid)
+            if gid is not None:
+                set_group(fd, gid)
+            offload_flags = set_offloads(fd, offload)
+            return _make(
+                fd, real_name, offload, offload_flags, ns_fd, mtu,
+                # Whoever attaches to a device that outlives us may ask for
+                # the offloads: cap its super-packets now, while we may.
+                cap_segs=offload or persist or multi_queue,
+            )
     except BaseException:
         if fd >= 0:
+            if made_persistent:
+                # Ours and half made: it goes with its descriptor.
+                with contextlib.suppress(OSError):
+                    set_persist(fd, False)
             os.close(fd)
         if ns_fd is not None:
             os.close(ns_fd)
@@ -615,11 +685,7 @@ def open_tun(fd: int, *, offload: bool | None = None, netns: str | None = None) 
     if offload is not None and offload != vnet_hdr:
         state = "on" if vnet_hdr else "off"
         raise ValueError(f"offload={offload} but the virtio header of {name!r} is {state}")
-    if vnet_hdr:
-        offload_flags = enable_vnet(fd)
-    else:
-        set_offload(fd, 0)
-        offload_flags = 0
+    offload_flags = set_offloads(fd, vnet_hdr)
     ns_fd = _netns_fd(netns)
     try:
         return _make(fd, name, vnet_hdr, offload_flags, ns_fd, None)

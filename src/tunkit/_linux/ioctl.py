@@ -1,4 +1,5 @@
-"""The ioctls of ``/dev/net/tun``: open it, attach a device (TUNSETIFF), set its offloads.
+"""The ioctls of ``/dev/net/tun``: open it, attach a device (TUNSETIFF), set its offloads,
+its persistence, owner and group, and a multi-queue device's queue state.
 
 Each function makes one kind of request and turns the kernel's refusals into
 the errors a caller can act on (a ``PermissionError`` naming CAP_NET_ADMIN,
@@ -9,13 +10,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import os
+import pwd
 import socket
+import stat
 import struct
 from typing import Final
 
 from .._offload.vnet import VNET_HDR_LEN
 from .constants import (
+    IFF_ATTACH_QUEUE,
+    IFF_DETACH_QUEUE,
     IFNAMSIZ,
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -23,8 +29,12 @@ from .constants import (
     TUN_F_USO4,
     TUN_F_USO6,
     TUNGETIFF,
+    TUNSETGROUP,
     TUNSETIFF,
     TUNSETOFFLOAD,
+    TUNSETOWNER,
+    TUNSETPERSIST,
+    TUNSETQUEUE,
     TUNSETVNETHDRSZ,
 )
 
@@ -33,12 +43,18 @@ __all__ = [
     "OFFLOAD_BASE",
     "OFFLOAD_USO",
     "TUN_PATH",
+    "dev_tun_mode",
+    "dev_tun_open_to",
     "enable_vnet",
     "get_iff",
     "name_exists",
     "open_dev_tun",
+    "set_group",
     "set_iff",
     "set_offload",
+    "set_owner",
+    "set_persist",
+    "set_queue",
 ]
 
 TUN_PATH: Final = "/dev/net/tun"
@@ -52,7 +68,60 @@ OFFLOAD_BASE: Final = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 OFFLOAD_USO: Final = TUN_F_USO4 | TUN_F_USO6
 
 
-def open_dev_tun() -> int:
+def dev_tun_mode(path: str = TUN_PATH) -> str:
+    """Describe who may open *path*: ``"mode 0600, owner root, group root"``."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"not readable: {os.strerror(exc.errno or 0)}"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"mode {stat.S_IMODE(st.st_mode):04o}, owner {owner}, group {group}"
+
+
+def dev_tun_open_to(uid: int | None, gid: int | None, path: str = TUN_PATH) -> bool:
+    """Whether the user *uid* (with group *gid* and its supplementary groups) or, with
+    *uid* ``None``, every member of group *gid*, may open *path* read-write.
+
+    What the file's mode bits say (no ACLs); root may always.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    mode = stat.S_IMODE(st.st_mode)
+    if uid == 0 or mode & 0o006 == 0o006:
+        return True
+    if uid is not None and uid == st.st_uid:
+        return mode & 0o600 == 0o600
+    groups = set() if gid is None else {gid}
+    if uid is not None:
+        try:
+            user = pwd.getpwuid(uid)
+            groups |= set(os.getgrouplist(user.pw_name, user.pw_gid))
+        except KeyError:
+            pass
+    return st.st_gid in groups and mode & 0o060 == 0o060
+
+
+def open_dev_tun(purpose: str = "create") -> int:
+    """Open ``/dev/net/tun`` read-write, close-on-exec; the caller owns the descriptor.
+
+    *purpose* (``"create"`` or ``"attach"``) shapes the message of a refusal:
+    a user without privilege who may attach to a device still needs the file
+    open to them (mode 0666, as distributions ship it), and when its mode is
+    what stops them the ``PermissionError`` shows the mode and says so.
+
+    Raises:
+        FileNotFoundError: no ``/dev/net/tun``, or no driver behind it.
+        PermissionError: the file's mode keeps this user out.
+    """
     try:
         return os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
@@ -70,10 +139,18 @@ def open_dev_tun() -> int:
                 TUN_PATH,
             ) from None
         if exc.errno in (errno.EACCES, errno.EPERM):
+            mode = dev_tun_mode()
+            if purpose == "attach":
+                hint = (
+                    "attaching to a TUN device without privilege needs the file open to "
+                    "this user: mode 0666, as distributions ship it (udev); "
+                    f"an administrator can run: chmod 0666 {TUN_PATH}"
+                )
+            else:
+                hint = "creating a TUN device needs CAP_NET_ADMIN and access to the file"
             raise PermissionError(
                 exc.errno,
-                f"cannot open {TUN_PATH}: {os.strerror(exc.errno)} "
-                "(creating a TUN device needs CAP_NET_ADMIN and access to the file)",
+                f"cannot open {TUN_PATH} ({mode}): {os.strerror(exc.errno)}; {hint}",
                 TUN_PATH,
             ) from exc
         raise
@@ -104,7 +181,10 @@ def set_iff(fd: int, name: str, flags: int) -> str:
             ) from None
         if exc.errno == errno.EINVAL and name and name_exists(name):
             raise FileExistsError(
-                exc.errno, f"device name {name!r} is in use by a device that is not TUN"
+                exc.errno,
+                f"device name {name!r} is in use by a device that is not TUN "
+                "(or a TUN device that is multi-queue where this asks for one that is not, "
+                "or the other way round)",
             ) from None
         raise OSError(exc.errno, f"TUNSETIFF {shown}: {os.strerror(exc.errno or 0)}") from exc
     raw_name, _flags = IFREQ.unpack(result)
@@ -141,3 +221,28 @@ def enable_vnet(fd: int) -> int:
         return flags
     set_offload(fd, 0)
     return 0
+
+
+def set_persist(fd: int, persist: bool) -> None:
+    """TUNSETPERSIST: keep the device after its last descriptor closes (or stop keeping it)."""
+    fcntl.ioctl(fd, TUNSETPERSIST, int(persist))
+
+
+def set_owner(fd: int, uid: int) -> None:
+    """TUNSETOWNER: the user who may attach without CAP_NET_ADMIN (-1: no owner)."""
+    fcntl.ioctl(fd, TUNSETOWNER, uid)
+
+
+def set_group(fd: int, gid: int) -> None:
+    """TUNSETGROUP: the group whose members may attach without CAP_NET_ADMIN (-1: none)."""
+    fcntl.ioctl(fd, TUNSETGROUP, gid)
+
+
+def set_queue(fd: int, attached: bool) -> None:
+    """TUNSETQUEUE on a queue of a multi-queue device: take part in its traffic, or not.
+
+    A detached queue keeps the device alive (it is still one of its
+    descriptors) but the kernel steers no packet to it and takes none from it.
+    """
+    flags = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+    fcntl.ioctl(fd, TUNSETQUEUE, IFREQ.pack(b"", flags))

@@ -25,16 +25,31 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple, TypeVar
 
 from . import netns
 from .constants import (
     IFA_F_NODAD,
+    IFF_TUN,
     IFF_UP,
+    IFLA_GSO_MAX_SEGS,
     IFLA_IFNAME,
+    IFLA_INFO_DATA,
+    IFLA_INFO_KIND,
+    IFLA_LINKINFO,
     IFLA_MTU,
+    IFLA_TUN_GROUP,
+    IFLA_TUN_MULTI_QUEUE,
+    IFLA_TUN_NUM_DISABLED_QUEUES,
+    IFLA_TUN_NUM_QUEUES,
+    IFLA_TUN_OWNER,
+    IFLA_TUN_PERSIST,
+    IFLA_TUN_PI,
+    IFLA_TUN_TYPE,
+    IFLA_TUN_VNET_HDR,
     NETLINK_ROUTE,
+    NLA_TYPE_MASK,
     NLM_F_REQUEST,
     NLMSG_ERROR,
     RTM_DELLINK,
@@ -47,11 +62,15 @@ __all__ = [
     "Interface",
     "LinkMonitor",
     "LinkState",
+    "TunInfo",
     "add_address",
     "addresses",
+    "delete_link",
+    "event_socket",
     "remove_address",
     "set_mtu",
     "set_up",
+    "tun_info",
 ]
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -84,42 +103,64 @@ class LinkState(NamedTuple):
     deleted: bool = False
 
 
+def _attrs(body: memoryview, pos: int = 0) -> Iterator[tuple[int, memoryview]]:
+    """Yield ``(type, payload)`` of each rtattr from *pos* on; stop at one that does not fit."""
+    while pos + _RTATTR.size <= len(body):
+        rta_len, rta_type = _RTATTR.unpack_from(body, pos)
+        if rta_len < _RTATTR.size or pos + rta_len > len(body):
+            return  # a claim that does not fit: stop, keep what was read
+        yield rta_type & NLA_TYPE_MASK, body[pos + _RTATTR.size : pos + rta_len]
+        pos += _align4(rta_len)
+
+
+def _u32(payload: memoryview) -> int | None:
+    return _U32.unpack_from(payload, 0)[0] if len(payload) >= _U32.size else None
+
+
+def _flag(payload: memoryview) -> bool:
+    return len(payload) >= 1 and payload[0] != 0
+
+
 def _parse_link(body: memoryview, deleted: bool) -> LinkState | None:
     if len(body) < _IFINFOMSG.size:
         return None
     _family, _pad, _type, index, flags, _change = _IFINFOMSG.unpack_from(body, 0)
     name = ""
     mtu = 0
-    pos = _IFINFOMSG.size
-    while pos + _RTATTR.size <= len(body):
-        rta_len, rta_type = _RTATTR.unpack_from(body, pos)
-        if rta_len < _RTATTR.size or pos + rta_len > len(body):
-            break  # a claim that does not fit: stop, keep what was read
-        payload = body[pos + _RTATTR.size : pos + rta_len]
+    for rta_type, payload in _attrs(body, _IFINFOMSG.size):
         if rta_type == IFLA_IFNAME:
             name = bytes(payload).split(b"\0", 1)[0].decode(errors="replace")
-        elif rta_type == IFLA_MTU and len(payload) >= _U32.size:
-            (mtu,) = _U32.unpack_from(payload, 0)
-        pos += _align4(rta_len)
+        elif rta_type == IFLA_MTU:
+            mtu = _u32(payload) or mtu
     return LinkState(index, name, mtu, bool(flags & IFF_UP), deleted)
+
+
+def _split(data: memoryview) -> Iterator[tuple[int, int, memoryview]]:
+    """Yield ``(type, seq, body)`` of each netlink message in one datagram that fits."""
+    pos = 0
+    while pos + _NLMSGHDR.size <= len(data):
+        msg_len, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
+        if msg_len < _NLMSGHDR.size or pos + msg_len > len(data):
+            return
+        yield msg_type, seq, data[pos + _NLMSGHDR.size : pos + msg_len]
+        pos += _align4(msg_len)
+
+
+def _error_code(body: memoryview) -> int:
+    """The errno of an NLMSG_ERROR body (0: an acknowledgement)."""
+    return -_NLMSGERR_ERROR.unpack_from(body, 0)[0] if len(body) >= _NLMSGERR_ERROR.size else 0
 
 
 def _parse_messages(data: memoryview) -> list[tuple[int, int, LinkState | int | None]]:
     """Split one datagram into (type, seq, payload): a LinkState, an errno, or None."""
     out: list[tuple[int, int, LinkState | int | None]] = []
-    pos = 0
-    while pos + _NLMSGHDR.size <= len(data):
-        msg_len, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, pos)
-        if msg_len < _NLMSGHDR.size or pos + msg_len > len(data):
-            break
-        body = data[pos + _NLMSGHDR.size : pos + msg_len]
+    for msg_type, seq, body in _split(data):
         payload: LinkState | int | None = None
         if msg_type in (RTM_NEWLINK, RTM_DELLINK):
             payload = _parse_link(body, msg_type == RTM_DELLINK)
-        elif msg_type == NLMSG_ERROR and len(body) >= _NLMSGERR_ERROR.size:
-            payload = -_NLMSGERR_ERROR.unpack_from(body, 0)[0]
+        elif msg_type == NLMSG_ERROR:
+            payload = _error_code(body)
         out.append((msg_type, seq, payload))
-        pos += _align4(msg_len)
     return out
 
 
@@ -143,7 +184,7 @@ class LinkMonitor:
     descriptors. The monitor owns its socket, eventfd and thread.
     """
 
-    def __init__(self, sock: socket.socket, state: LinkState) -> None:
+    def __init__(self, sock: socket.socket | None, state: LinkState) -> None:
         self._sock = sock
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._state = state
@@ -160,13 +201,8 @@ class LinkMonitor:
             FileNotFoundError: no link *name* in that namespace.
             OSError: netlink failed.
         """
-        with netns.inside(ns):
-            sock = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
-            )
+        sock = event_socket(ns)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_RCVBUF)
-            sock.bind((0, RTMGRP_LINK))
             # Events queue in the socket from here on; the state read next is
             # at least as new as any of them.
             state = cls._query(sock, name)
@@ -177,20 +213,30 @@ class LinkMonitor:
 
     @staticmethod
     def _query(sock: socket.socket, name: str) -> LinkState:
-        # Blocking is fine: the kernel answers a GETLINK at once.
-        seq = 1
-        sock.send(_getlink_request(seq, name=name))
-        while True:
-            data = sock.recv(_RECV_SIZE)
-            for msg_type, msg_seq, payload in _parse_messages(memoryview(data)):
-                if msg_seq != seq:
-                    continue  # an event before the answer: the answer covers it
-                if msg_type == NLMSG_ERROR and isinstance(payload, int) and payload:
-                    if payload == errno.ENODEV:
-                        raise FileNotFoundError(payload, f"no network device {name!r}")
-                    raise OSError(payload, f"reading link {name!r}: {os.strerror(payload)}")
-                if isinstance(payload, LinkState):
-                    return payload
+        state = _parse_link(_getlink(sock, name), deleted=False)
+        if state is None:
+            raise OSError(errno.EPROTO, f"reading link {name!r}: a short answer")
+        return state
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket, name: str) -> LinkMonitor:
+        """Watch link *name* through *sock*, an rtnetlink socket bound to RTMGRP_LINK.
+
+        The socket may have been made in another network namespace, by another
+        process (passed over a Unix socket): it reports the links of the
+        namespace it was made in, and reading them needs no privilege. Takes
+        ownership of *sock* on success.
+
+        Raises:
+            FileNotFoundError: no link *name* where the socket looks.
+        """
+        sock.setblocking(True)
+        return cls(sock, cls._query(sock, name))
+
+    @classmethod
+    def detached(cls, state: LinkState) -> LinkMonitor:
+        """A monitor with no socket and no thread: *state* stays as given, no event follows."""
+        return cls(None, state)
 
     @property
     def state(self) -> LinkState:
@@ -202,7 +248,12 @@ class LinkMonitor:
         self._state = self._state._replace(mtu=mtu)
 
     def start(self, on_state: Callable[[LinkState], None], device: str) -> None:
-        """Start the event thread, which calls *on_state* for every state of this link."""
+        """Start the event thread, which calls *on_state* for every state of this link.
+
+        A :meth:`detached` monitor starts nothing.
+        """
+        if self._sock is None:
+            return
         self._thread = threading.Thread(
             target=self._run,
             args=(on_state,),
@@ -214,8 +265,10 @@ class LinkMonitor:
         self._thread.start()
 
     def _run(self, on_state: Callable[[LinkState], None]) -> None:
+        sock = self._sock
+        assert sock is not None  # start() runs no thread without one
         poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(sock.fileno(), select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         index = self._state.ifindex
         while True:
@@ -224,7 +277,7 @@ class LinkMonitor:
                 return
             while True:
                 try:
-                    data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+                    data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     break
                 except InterruptedError:
@@ -234,7 +287,7 @@ class LinkMonitor:
                         raise
                     # The kernel dropped events (our socket was full): ask for
                     # the state again; the answer arrives as an RTM_NEWLINK.
-                    self._sock.send(_getlink_request(next(self._seq), index=index))
+                    sock.send(_getlink_request(next(self._seq), index=index))
                     continue
                 for _type, _seq, payload in _parse_messages(memoryview(data)):
                     if isinstance(payload, LinkState) and payload.ifindex == index:
@@ -250,8 +303,129 @@ class LinkMonitor:
         os.eventfd_write(self._wake, 1)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
         os.close(self._wake)
+
+
+def _getlink(sock: socket.socket, name: str, seq: int = 1) -> memoryview:
+    """Ask *sock*'s namespace for link *name*; return the ifinfomsg body of the answer.
+
+    Blocking is fine: the kernel answers a GETLINK at once.
+
+    Raises:
+        FileNotFoundError: no link of that name.
+    """
+    sock.send(_getlink_request(seq, name=name))
+    while True:
+        data = memoryview(sock.recv(_RECV_SIZE))
+        for msg_type, msg_seq, body in _split(data):
+            if msg_seq != seq:
+                continue  # an event before the answer: the answer covers it
+            if msg_type == NLMSG_ERROR:
+                code = _error_code(body)
+                if code == errno.ENODEV:
+                    raise FileNotFoundError(code, f"no network device {name!r}")
+                if code:
+                    raise OSError(code, f"reading link {name!r}: {os.strerror(code)}")
+            elif msg_type == RTM_NEWLINK:
+                return body
+
+
+class TunInfo(NamedTuple):
+    """What rtnetlink says of a link, with the TUN driver's own attributes (``ip -d link``)."""
+
+    ifindex: int
+    name: str
+    kind: str  # IFLA_INFO_KIND: "tun" for TUN and TAP devices, "" for a link without one
+    tun_type: int  # IFF_TUN or IFF_TAP; 0 when not reported
+    owner: int | None  # None: no owner
+    group: int | None  # None: no group
+    pi: bool
+    vnet_hdr: bool
+    persist: bool
+    multi_queue: bool
+    queues: int  # attached queues (descriptors taking part in its traffic)
+    disabled_queues: int  # queues detached with TUNSETQUEUE
+    gso_max_segs: int  # 0 when not reported
+    mtu: int
+    up: bool
+
+    @property
+    def is_tun(self) -> bool:
+        """Whether the link is a TUN device (not TAP, not another kind)."""
+        return self.kind == "tun" and self.tun_type == IFF_TUN
+
+
+def _parse_tun_info(body: memoryview) -> TunInfo | None:
+    link = _parse_link(body, deleted=False)
+    if link is None:
+        return None
+    fields: dict[str, Any] = {"kind": "", "gso_max_segs": 0}
+    data: memoryview | None = None
+    for rta_type, payload in _attrs(body, _IFINFOMSG.size):
+        if rta_type == IFLA_GSO_MAX_SEGS:
+            fields["gso_max_segs"] = _u32(payload) or 0
+        elif rta_type == IFLA_LINKINFO:
+            for info_type, info in _attrs(payload):
+                if info_type == IFLA_INFO_KIND:
+                    fields["kind"] = bytes(info).split(b"\0", 1)[0].decode(errors="replace")
+                elif info_type == IFLA_INFO_DATA:
+                    data = info
+    tun: dict[int, memoryview] = dict(_attrs(data)) if data is not None else {}
+    absent = memoryview(b"")
+    return TunInfo(
+        ifindex=link.ifindex,
+        name=link.name,
+        tun_type=tun[IFLA_TUN_TYPE][0] if len(tun.get(IFLA_TUN_TYPE, absent)) else 0,
+        owner=_u32(tun.get(IFLA_TUN_OWNER, absent)),
+        group=_u32(tun.get(IFLA_TUN_GROUP, absent)),
+        pi=_flag(tun.get(IFLA_TUN_PI, absent)),
+        vnet_hdr=_flag(tun.get(IFLA_TUN_VNET_HDR, absent)),
+        persist=_flag(tun.get(IFLA_TUN_PERSIST, absent)),
+        multi_queue=_flag(tun.get(IFLA_TUN_MULTI_QUEUE, absent)),
+        queues=_u32(tun.get(IFLA_TUN_NUM_QUEUES, absent)) or 0,
+        disabled_queues=_u32(tun.get(IFLA_TUN_NUM_DISABLED_QUEUES, absent)) or 0,
+        mtu=link.mtu,
+        up=link.up,
+        **fields,
+    )
+
+
+def tun_info(ns: int | str | None, name: str) -> TunInfo | None:
+    """What the kernel says of link *name* in namespace *ns*; ``None`` when there is none.
+
+    Reading links needs no privilege (entering *ns* does, unless it is ``None``).
+    """
+    with netns.inside(ns):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             NETLINK_ROUTE)
+    with sock:
+        sock.bind((0, 0))
+        try:
+            body = _getlink(sock, name)
+        except FileNotFoundError:
+            return None
+    return _parse_tun_info(body)
+
+
+def event_socket(ns: int | str | None) -> socket.socket:
+    """A new rtnetlink socket in namespace *ns*, bound to link events (RTMGRP_LINK).
+
+    Events queue in it from the moment it is bound; whoever reads it (a
+    :class:`LinkMonitor`, here or in a process it is passed to) sees each
+    change made after that. The caller owns it.
+    """
+    with netns.inside(ns):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             NETLINK_ROUTE)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_RCVBUF)
+        sock.bind((0, RTMGRP_LINK))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # Configuration: a short-lived IPRoute per request, in the device's namespace.
@@ -311,6 +485,11 @@ def set_gso_max_segs(ns: int | str | None, index: int, segs: int) -> None:
         f"setting gso_max_segs {segs}",
         lambda ipr: ipr.link("set", index=index, gso_max_segs=segs),
     )
+
+
+def delete_link(ns: int | str | None, index: int, what: str) -> None:
+    """Delete link *index* in namespace *ns* (RTM_DELLINK, as ``ip link delete``)."""
+    _request(ns, what, lambda ipr: ipr.link("del", index=index))
 
 
 def set_up(ns: int | str | None, index: int, up: bool) -> None:

@@ -86,8 +86,25 @@ def _setns(fd: int, what: str) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         code = ctypes.get_errno()
         if code == errno.EPERM:
-            raise PermissionError(code, f"{what}: entering a network namespace needs CAP_SYS_ADMIN")
+            raise PermissionError(code, f"{what} needs CAP_SYS_ADMIN")
         raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def _describe(ns: int | str) -> str:
+    """Name namespace *ns* (a name, or a descriptor) for a message, as ``ip netns`` would."""
+    if isinstance(ns, str):
+        return repr(ns)
+    # A descriptor: the named namespace that is the same file, if there is one.
+    try:
+        st = os.fstat(ns)
+    except OSError:
+        return f"descriptor {ns}"
+    for name in list_netns():
+        with contextlib.suppress(OSError):
+            other = os.stat(os.path.join(NETNS_RUN_DIR, name))
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return repr(name)
+    return f"net:[{st.st_ino}] (no name)"
 
 
 @contextlib.contextmanager
@@ -110,7 +127,7 @@ def inside(ns: int | str | None) -> Iterator[None]:
     try:
         target = open_netns(ns) if isinstance(ns, str) else ns
         try:
-            _setns(target, f"entering network namespace {ns!r}")
+            _setns(target, f"entering network namespace {_describe(ns)}")
         finally:
             if isinstance(ns, str):
                 os.close(target)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import socket
-import threading
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -13,24 +14,42 @@ from rich.console import Console
 
 from .._forwarder import Point2Point
 from .._linux.device import NativeTun, create_tun
+from .._linux.netns import inside, netns_path
 from .._pool import Pool
-from .preflight import UsageError, positive, positive_float, require
+from .preflight import HelpFormatter, UsageError, positive, positive_float, require
 
 __all__ = ["BRIDGE_HELP", "add_parser", "run"]
 
 BRIDGE_HELP = """\
-Join two TUN devices, A and B, both ways, until Ctrl-C or SIGTERM, printing
-packet, byte and drop counters every few seconds.
+Join two TUN devices, A and B, both ways, printing packet, byte and drop
+counters every few seconds. Ctrl-C or SIGTERM stops it: it prints the totals
+and exits 0.
 
-Without --create, A and B name existing persistent TUN devices (made with
-"ip tuntap add mode tun NAME"); with --create, tunkit makes them (gone again
-when it exits), and --mtu and --address configure them. --netns-a/--netns-b
-put a device in a network namespace (as "ip netns" names them).
+With --create, tunkit makes A and B (they go again when it stops), and --mtu
+and --address configure them. Without it, A and B name existing persistent TUN
+devices (made with "ip tuntap add mode tun NAME"), which stay. --netns-a and
+--netns-b put a device in a network namespace, which must exist: make one with
+"ip netns add NAME".
 
 examples:
-  sudo tunkit bridge tun-left tun-right
+  # a device in each of two new namespaces, joined until Ctrl-C:
+  sudo ip netns add red
+  sudo ip netns add blue
   sudo tunkit bridge tka tkb --create --netns-a red --netns-b blue \\
        --address tka=10.9.0.1/24 --address tkb=10.9.0.2/24
+  # meanwhile, in another terminal:
+  sudo ip netns exec red ping -c 3 10.9.0.2
+  # afterwards:
+  sudo ip netns delete red
+  sudo ip netns delete blue
+
+  # two persistent devices, made beforehand (they stay when the bridge stops):
+  sudo ip tuntap add mode tun tun-left
+  sudo ip tuntap add mode tun tun-right
+  sudo tunkit bridge tun-left tun-right
+  # afterwards:
+  sudo ip tuntap delete mode tun tun-left
+  sudo ip tuntap delete mode tun tun-right
 """
 
 
@@ -44,8 +63,29 @@ def _parse_addresses(items: list[str], names: tuple[str, str]) -> dict[str, list
             raise UsageError(
                 f"--address {item!r}: {dev!r} is neither {names[0]!r} nor {names[1]!r}"
             )
+        try:
+            ipaddress.ip_interface(cidr)
+        except ValueError:
+            raise UsageError(
+                f"--address {item!r}: {cidr!r} is not an address with a prefix length, "
+                "like 10.9.0.1/24 or fd00::1/64"
+            ) from None
         out[dev].append(cidr)
     return out
+
+
+def _check_netns(option: str, ns: str | None) -> None:
+    if ns is None:
+        return
+    try:
+        path = netns_path(ns)
+    except ValueError as exc:
+        raise UsageError(f"{option} {ns!r}: {exc}") from None
+    if not os.path.exists(path):
+        raise UsageError(
+            f"{option} {ns!r}: no network namespace of that name (make it with "
+            f"'ip netns add {ns}')"
+        )
 
 
 def _open(name: str, netns: str | None, args: argparse.Namespace,
@@ -60,7 +100,10 @@ def _open(name: str, netns: str | None, args: argparse.Namespace,
         if args.mtu:
             tun.set_mtu(args.mtu)
         for cidr in addresses:
-            tun.add_address(cidr)
+            try:
+                tun.add_address(cidr)
+            except OSError as exc:  # the address is taken, say: the person's to change
+                raise UsageError(f"--address {name}={cidr}: {exc.strerror or exc}") from None
         if args.create:
             tun.up()
     except BaseException:
@@ -75,39 +118,32 @@ def add_parser(sub: Any) -> None:
         "bridge",
         help="join two TUN devices until Ctrl-C, printing counters",
         description=BRIDGE_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     bridge.add_argument("a", metavar="A", help="first device's name")
     bridge.add_argument("b", metavar="B", help="second device's name")
     bridge.add_argument("--create", action="store_true", help="make the devices")
-    bridge.add_argument("--mtu", type=positive, help="MTU of created devices")
+    bridge.add_argument("--mtu", type=positive, metavar="N",
+                        help="MTU of created devices (default: 1500)")
     bridge.add_argument("--address", action="append", metavar="DEV=CIDR",
                         help="address for a created device (repeatable)")
     bridge.add_argument("--netns-a", metavar="NS", help="network namespace of A")
     bridge.add_argument("--netns-b", metavar="NS", help="network namespace of B")
-    bridge.add_argument("--interval", type=positive_float, default=5.0,
+    bridge.add_argument("--interval", type=positive_float, default=5.0, metavar="S",
                         help="seconds between counter lines")
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``tunkit bridge`` with parsed *args* until Ctrl-C or SIGTERM; return the status."""
     require("tunkit bridge", tools=())  # configuration goes over netlink: no programs needed
-    stop = threading.Event()
-    try:
-        return _bridge(args, console, stop)
-    except KeyboardInterrupt:
-        stop.set()
-        console.print("stopped")
-        return 0
-
-
-def _bridge(args: argparse.Namespace, console: Console, stop: threading.Event) -> int:
     names = (args.a, args.b)
     if args.a == args.b and args.netns_a == args.netns_b:
         raise UsageError("A and B are the same device")
     if (args.mtu or args.address) and not args.create:
         raise UsageError("--mtu and --address configure devices tunkit makes: add --create")
     addresses = _parse_addresses(args.address or [], names)
+    _check_netns("--netns-a", args.netns_a)
+    _check_netns("--netns-b", args.netns_b)
     if not args.create:
         _check_existing(args)
     with ExitStack() as stack:
@@ -117,31 +153,30 @@ def _bridge(args: argparse.Namespace, console: Console, stop: threading.Event) -
         stack.callback(p2p.stop)
         p2p.set_a(a)
         p2p.set_b(b)
-        console.print(f"bridging {a.name()} ⇄ {b.name()} (Ctrl-C to stop)")
-        last = time.monotonic()
-        while not stop.wait(0.2):
-            if time.monotonic() - last >= args.interval:
-                last = time.monotonic()
-                console.print(_counters(a, b))
-        console.print(_counters(a, b))
+        started = time.monotonic()
+        try:
+            console.print(f"bridging {a.name()} ⇄ {b.name()} (Ctrl-C to stop)")
+            while True:
+                time.sleep(args.interval)
+                _print_counters(console, a, b)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: how a bridge is stopped
+            pass
+        p2p.stop()  # the totals are final once nothing moves
+        console.print(f"stopped after {time.monotonic() - started:.1f} s; totals:")
+        _print_counters(console, a, b)
     return 0
 
 
-def _counters(a: NativeTun, b: NativeTun) -> str:
+def _print_counters(console: Console, a: NativeTun, b: NativeTun) -> None:
     sa, sb = a.stats(), b.stats()
-    drops_ab = sa.dropped_malformed + sa.dropped_too_big + sb.dropped_write
-    drops_ba = sb.dropped_malformed + sb.dropped_too_big + sa.dropped_write
-    return (
-        f"{a.name()}→{b.name()}: {sa.packets_read:,} pkts {sa.bytes_read:,} B "
-        f"drops {drops_ab}   "
-        f"{b.name()}→{a.name()}: {sb.packets_read:,} pkts {sb.bytes_read:,} B drops {drops_ba}"
-    )
+    for src, dst, s, d in ((a, b, sa, sb), (b, a, sb, sa)):
+        dropped = s.dropped_malformed + s.dropped_too_big + d.dropped_write
+        console.print(f"  {src.name()} → {dst.name()}: {s.packets_read:,} packets, "
+                      f"{s.bytes_read:,} bytes, {dropped:,} dropped", highlight=False)
 
 
 def _check_existing(args: argparse.Namespace) -> None:
     """Without --create, both devices must exist (as persistent TUN devices)."""
-    from .._linux.netns import inside
-
     for name, ns in ((args.a, args.netns_a), (args.b, args.netns_b)):
         with inside(ns):  # a socket made here asks this namespace
             try:

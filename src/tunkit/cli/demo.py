@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .demo_memory import DirectionResult, run_memory_demo
-from .preflight import UsageError, positive, require
+from .preflight import HelpFormatter, UsageError, positive, require
 
 __all__ = ["DEMO_HELP", "add_parser", "run"]
 
@@ -39,27 +40,30 @@ def add_parser(sub: Any) -> None:
         "demo",
         help="show packets crossing tunkit, checked on arrival",
         description=DEMO_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     demo.add_argument("--memory", action="store_true", help="run the in-memory demo only")
-    demo.add_argument("--seconds", type=positive, default=3, help="seconds of TCP (real demo)")
+    demo.add_argument("--seconds", type=positive, default=3, metavar="S",
+                      help="seconds of TCP in the real demo")
     demo.add_argument("--no-offload", action="store_true", help="real devices without offload")
-    demo.add_argument(
-        "--packets", type=positive, default=20000, help="packets each way (in-memory demo)"
-    )
-    demo.add_argument("--batch", type=positive, default=32, help="pipe batch size (in-memory)")
+    demo.add_argument("--packets", type=positive, default=20000, metavar="N",
+                      help="packets each way in the in-memory demo")
+    demo.add_argument("--batch", type=positive, default=32, metavar="N",
+                      help="pipe batch size in the in-memory demo")
 
 
 def _results_table(title: str, results: Sequence[DirectionResult]) -> Table:
-    table = Table(title=title)
+    table = Table(title=title, caption="A writes one packet per call (TunIO), B whole "
+                  "batches; each direction is timed from its first write to its last arrival")
     table.add_column("direction")
-    for name in ("packets", "bytes", "packets/s", "errors"):
+    for name in ("packets", "bytes", "seconds", "packets/s", "errors"):
         table.add_column(name, justify="right")
     for r in results:
         table.add_row(
             r.label,
             f"{r.received:,}",
             f"{r.bytes:,}",
+            f"{r.seconds:.3f}",
             f"{r.packets_per_second:,.0f}",
             str(r.errors),
         )
@@ -109,12 +113,15 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
             seconds=args.seconds, offload=not args.no_offload, status=status, tick=tick
         )
     rtt = Table(title="ping across tunkit (from namespace A to B)")
-    for name in ("", "sent", "received", "min ms", "avg ms", "max ms", "error"):
-        rtt.add_column(name, justify="left" if name in ("", "error") else "right")
+    for name in ("", "sent", "received", "min ms", "avg ms", "max ms"):
+        rtt.add_column(name, justify="right" if name else "left")
     for p in result.pings:
         rtt.add_row(p.family, str(p.sent), str(p.received), f"{p.rtt_min:.3f}",
-                    f"{p.rtt_avg:.3f}", f"{p.rtt_max:.3f}", p.error)
+                    f"{p.rtt_avg:.3f}", f"{p.rtt_max:.3f}")
     console.print(rtt)
+    for p in result.pings:  # below the table, where a long message can wrap
+        if p.error:
+            console.print(f"[red]{p.family} ping error:[/red] {escape(p.error)}")
     flows = Table(title=f"tunkit real-device demo (offload {'on' if result.offload else 'off'})")
     for name in ("direction", "packets", "bytes", "super-packets", "dropped", "errors"):
         flows.add_column(name, justify="left" if name == "direction" else "right")
@@ -139,7 +146,7 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"TCP A → B: {result.tcp_bytes / 1e6:,.1f} MB in {result.tcp_seconds:.1f} s = "
         f"[bold]{result.gbit_s:.2f} Gbit/s[/bold]"
-        + (f"  [red]error: {result.tcp_error}[/red]" if result.tcp_error else "")
+        + (f"  [red]error: {escape(result.tcp_error)}[/red]" if result.tcp_error else "")
     )
     console.print(f"errors: {result.errors}")
     return 1 if result.errors else 0
@@ -163,6 +170,6 @@ def _memory_demo(args: argparse.Namespace, console: Console) -> int:
     console.print(_results_table("tunkit in-memory demo: pipe → Point2Point → pipe", results))
     problems = [p for r in results for p in r.problems]
     for problem in problems:
-        console.print(f"[red]error:[/red] {problem}")
+        console.print(f"[red]error:[/red] {escape(problem)}")
     errors = sum(r.errors for r in results)
     return 1 if errors else 0

@@ -41,7 +41,8 @@ def demo_packet(direction: int, seq: int) -> bytes:
 
 @dataclass
 class DirectionResult:
-    """What one direction of the demo moved."""
+    """What one direction of the demo moved, and in how long: from its first write
+    to the arrival of its last packet (each direction has its own clock)."""
 
     label: str
     sent: int = 0
@@ -49,6 +50,7 @@ class DirectionResult:
     bytes: int = 0
     errors: int = 0
     seconds: float = 0.0
+    started: float = 0.0  # time.perf_counter() of the first write
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -57,6 +59,7 @@ class DirectionResult:
 
 
 def _send_io(io: TunIO, count: int, result: DirectionResult) -> None:
+    result.started = time.perf_counter()
     for seq in range(count):
         io.write(demo_packet(0, seq))
         result.sent += 1
@@ -64,6 +67,7 @@ def _send_io(io: TunIO, count: int, result: DirectionResult) -> None:
 
 def _send_batched(tun: PipeTun, count: int, batch: int, result: DirectionResult) -> None:
     seq = 0
+    result.started = time.perf_counter()
     while seq < count:
         packets = [demo_packet(1, s) for s in range(seq, min(seq + batch, count))]
         done = 0
@@ -80,6 +84,7 @@ def _receive_batched(tun: PipeTun, count: int, result: DirectionResult) -> None:
         n = tun.read(bufs, sizes, tun.mro())
         for i in range(n):
             _check(result, 0, bytes(bufs[i][tun.mro() : tun.mro() + sizes[i]]))
+    result.seconds = time.perf_counter() - result.started
 
 
 def _receive_io(io: TunIO, count: int, result: DirectionResult) -> None:
@@ -87,6 +92,7 @@ def _receive_io(io: TunIO, count: int, result: DirectionResult) -> None:
     while result.received < count:
         n = io.readinto(buf)
         _check(result, 1, bytes(buf[:n]))
+    result.seconds = time.perf_counter() - result.started
 
 
 def _check(result: DirectionResult, direction: int, packet: bytes) -> None:
@@ -107,52 +113,57 @@ def run_memory_demo(
     """Send *packets* each way through ``pipe → Point2Point → pipe`` and check them.
 
     Host A talks through a :class:`TunIO` (one packet per call); host B
-    writes and reads whole batches. Returns one result per direction.
+    writes and reads whole batches. Returns one result per direction, A → B
+    first, each timed on its own.
     """
     host_a, left = pipe(batch_size, mtu=1500)
     right, host_b = pipe(batch_size, mtu=1500)
-    a2b = DirectionResult("A → B  (TunIO writes, batched reads)")
-    b2a = DirectionResult("B → A  (batched writes, TunIO reads)")
+    a2b = DirectionResult("A → B")
+    b2a = DirectionResult("B → A")
     io_a = TunIO(host_a)
     p2p = Point2Point(Pool())
     p2p.set_a(left)
     p2p.set_b(right)
     failures: list[BaseException] = []
+    lock = threading.Lock()
+    running = [4]  # guarded by lock: the threads not yet finished
+    finished = threading.Event()  # all four finished, or one failed
 
-    def guarded(fn: Callable[..., None], *args: object) -> threading.Thread:
+    def guarded(role: str, fn: Callable[..., None], *args: object) -> threading.Thread:
         def run() -> None:
             try:
                 fn(*args)
             except BaseException as exc:
                 failures.append(exc)
+                finished.set()
+            finally:
+                with lock:
+                    running[0] -= 1
+                    if not running[0]:
+                        finished.set()
 
-        return threading.Thread(target=run, name="tunkit-demo")
+        return threading.Thread(target=run, name=f"tunkit-demo:{role}")
 
-    start = time.perf_counter()
     threads = [
-        guarded(_send_io, io_a, packets, a2b),
-        guarded(_receive_batched, host_b, packets, a2b),
-        guarded(_send_batched, host_b, packets, batch_size, b2a),
-        guarded(_receive_io, io_a, packets, b2a),
+        guarded("a2b-send", _send_io, io_a, packets, a2b),
+        guarded("a2b-receive", _receive_batched, host_b, packets, a2b),
+        guarded("b2a-send", _send_batched, host_b, packets, batch_size, b2a),
+        guarded("b2a-receive", _receive_io, io_a, packets, b2a),
     ]
     for t in threads:
         t.start()
     try:
-        while any(t.is_alive() for t in threads):
+        # Event.wait, not Thread.join: on Python 3.11 a join interrupted by
+        # Ctrl-C can mark a running thread as finished.
+        while not finished.wait(0.05):
             if progress is not None:
                 progress(a2b.received + b2a.received, 2 * packets)
-            threads[0].join(0.05)
-            if failures:
-                break
     finally:
-        elapsed = time.perf_counter() - start
         p2p.stop()
         io_a.close()
         host_b.close()
         for t in threads:
             t.join()
-    for result in (a2b, b2a):
-        result.seconds = elapsed
     for exc in failures:
         a2b.errors += 1
         a2b.problems.append(f"{type(exc).__name__}: {exc}")

@@ -6,8 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -15,8 +13,9 @@ from typing import Final
 
 from .._forwarder import ForwarderStats, Point2Point
 from .._linux.device import NativeTun, TunStats, create_tun
-from .._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
+from .._linux.netns import create_netns, delete_netns, unique_netns_name
 from .._pool import Pool
+from . import children
 
 __all__ = ["NativeDemoResult", "PingResult", "run_native_demo"]
 
@@ -30,11 +29,15 @@ _TCP_PORT: Final = 5201
 _NS_PREFIX: Final = "tk"
 
 # The far end of the TCP test: runs inside namespace B, counts what arrives.
+# It dies with the demo (children.start) and in any case gives up after 30 s
+# without a sender or without data.
 _RECEIVER: Final = """
 import socket, sys, time
 srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+srv.settimeout(30)
 print("ready", flush=True)
 conn, _ = srv.accept()
+conn.settimeout(30)
 total = 0
 start = None
 while True:
@@ -113,18 +116,23 @@ _RTT_RE: Final = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/")
 _COUNT_RE: Final = re.compile(r"(\d+) packets transmitted, (\d+) received")
 
 
-def _ping(ns: str, family: str, target: str, count: int) -> PingResult:
+def _last_line(text: str, status: int, who: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else f"{who} exited {status}"
+
+
+def _ping(ns: str, family: str, target: str, count: int,
+          tick: Callable[[], None]) -> PingResult:
     result = PingResult(family)
     argv = _ns_exec(ns, "ping", "-6" if family == "IPv6" else "-4", "-c", str(count),
                     "-i", "0.2", "-W", "2", target)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    proc = children.run(argv, timeout=30, tick=tick)
     if m := _COUNT_RE.search(proc.stdout):
         result.sent, result.received = int(m[1]), int(m[2])
     if m := _RTT_RE.search(proc.stdout):
         result.rtt_min, result.rtt_avg, result.rtt_max = (float(m[i]) for i in (1, 2, 3))
     if proc.returncode != 0:
-        lines = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-        result.error = lines[-1] if lines else f"ping exited {proc.returncode}"
+        result.error = _last_line(proc.stderr.strip() or proc.stdout, proc.returncode, "ping")
     return result
 
 
@@ -153,38 +161,35 @@ def _device(stack: ExitStack, ns: str, addr4: str, addr6: str, offload: bool) ->
 
 def _tcp(ns_a: str, ns_b: str, seconds: float, result: NativeDemoResult,
          tick: Callable[[], None]) -> None:
-    receiver = subprocess.Popen(
+    receiver = children.start(
         _ns_exec(ns_b, sys.executable, "-c", _RECEIVER, str(_TCP_PORT)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
         assert receiver.stdout is not None
         if receiver.stdout.readline().strip() != "ready":
             result.tcp_error = "the TCP receiver did not start"
             return
-        sender = subprocess.Popen(
-            _ns_exec(ns_a, sys.executable, "-c", _SENDER, B_V4, str(_TCP_PORT), str(seconds)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
         try:
-            while sender.poll() is None:
-                tick()
-                time.sleep(0.1)
+            sender = children.run(
+                _ns_exec(ns_a, sys.executable, "-c", _SENDER, B_V4, str(_TCP_PORT),
+                         str(seconds)),
+                timeout=seconds + 30, tick=tick,
+            )
             if sender.returncode != 0:
-                assert sender.stderr is not None
-                lines = sender.stderr.read().strip().splitlines()
-                result.tcp_error = lines[-1] if lines else f"sender exited {sender.returncode}"
-        finally:
-            if sender.poll() is None:
-                sender.kill()
-            sender.wait()
-        out, _ = receiver.communicate(timeout=15)
+                result.tcp_error = _last_line(sender.stderr, sender.returncode, "sender")
+            out, err = receiver.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            result.tcp_error = result.tcp_error or "the TCP test did not finish in time"
+            return
+        if receiver.returncode != 0:
+            result.tcp_error = result.tcp_error or _last_line(err, receiver.returncode,
+                                                              "receiver")
+            return
         total, elapsed = out.split()
         result.tcp_bytes, result.tcp_seconds = int(total), float(elapsed)
     finally:
-        if receiver.poll() is None:
-            receiver.kill()
-        receiver.wait()
+        children.end(receiver)
 
 
 def run_native_demo(
@@ -199,10 +204,11 @@ def run_native_demo(
     Pings B from A (IPv4, IPv6), then sends TCP from A to B for *seconds*.
     Everything it makes carries this process's id and is removed on the way
     out (Ctrl-C and SIGTERM included, when the caller turns SIGTERM into an
-    exception); leftovers of dead runs are removed first.
+    exception), the programs it runs too; what dead runs left (namespaces and
+    the processes in them) is removed first.
     """
     say = status or (lambda _msg: None)
-    remove_stale_netns(_NS_PREFIX)
+    children.remove_leftovers(_NS_PREFIX)
     result = NativeDemoResult(offload=offload)
     with _namespaces(("a", "b")) as (ns_a, ns_b), ExitStack() as stack:
         say(f"namespaces {ns_a} and {ns_b}")
@@ -219,14 +225,7 @@ def run_native_demo(
 
         for family, target in (("IPv4", B_V4), ("IPv6", B_V6)):
             say(f"ping -{family[-1]} {target} from {ns_a}")
-            worker = threading.Thread(
-                target=lambda f=family, t=target: result.pings.append(_ping(ns_a, f, t, pings)),
-                name="tunkit-demo-ping",
-            )
-            worker.start()
-            while worker.is_alive():
-                tick_fn()
-                worker.join(0.1)
+            result.pings.append(_ping(ns_a, family, target, pings, tick_fn))
         say(f"TCP from {ns_a} to {ns_b} for {seconds:g} s")
         _tcp(ns_a, ns_b, seconds, result, tick_fn)
         p2p.stop()  # what it drops on the way out counts too

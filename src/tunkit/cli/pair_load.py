@@ -9,7 +9,8 @@ Each setup gets two fresh network namespaces, A and B, joined by one of:
 - ``tunkit-nooffload``: NativeTuns without offload: one packet per system call;
 - ``veth``: a veth pair, the kernel alone (the ceiling);
 - ``naive``: TUN devices without offload joined by the loop anyone would write
-  first: one blocking read and one write per packet, a thread each way.
+  first, run as its own program (as a person would run it): one blocking read
+  and one write per packet, a thread each way.
 
 iperf3 runs in the namespaces (server in B, client in A) for the given seconds
 and streams; the result is the receiver's Gbit/s and the sender's retransmits.
@@ -21,6 +22,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,13 +32,15 @@ from typing import Any, Final
 from .._copy import copy
 from .._forwarder import Forwarder, Point2Point
 from .._linux.device import NativeTun, create_tun
-from .._linux.netns import create_netns, delete_netns, remove_stale_netns, unique_netns_name
+from .._linux.netns import create_netns, delete_netns, unique_netns_name
 from .._pool import Pool
+from . import children
 from .preflight import DEVICE_TOOLS, require
 
-__all__ = ["SETUPS", "VIAS", "BenchResult", "ratios", "run_pair_load"]
+__all__ = ["OFFLOAD_SETUPS", "SETUPS", "VIAS", "BenchResult", "ratios", "run_pair_load"]
 
 SETUPS: Final = ("tunkit", "tunkit-split", "tunkit-nooffload", "veth", "naive")
+OFFLOAD_SETUPS: Final = ("tunkit", "tunkit-split")  # the setups whose devices have offload
 VIAS: Final = ("copy", "forwarder", "p2p")
 
 # Addresses exist only inside the namespaces made here.
@@ -64,8 +68,32 @@ class BenchResult:
         return asdict(self)
 
 
+# The naive baseline, as a person writes it: a program of its own, one thread
+# each way, a blocking read and a write per packet. It is given the two
+# devices' descriptors (argv, pass_fds) and runs until it is killed.
+_NAIVE: Final = """
+import os, sys, threading
+
+def forward(src, dst):
+    while True:
+        try:
+            os.write(dst, os.read(src, 65536))
+        except OSError:
+            pass  # the kernel refused one packet: a naive loop drops it
+
+a, b = int(sys.argv[1]), int(sys.argv[2])
+for fd in (a, b):
+    os.set_blocking(fd, True)
+threading.Thread(target=forward, args=(b, a), daemon=True).start()
+print("ready", flush=True)
+forward(a, b)
+"""
+
+
 def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+    proc = children.run(["ip", *args], timeout=30)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
 
 
 @contextlib.contextmanager
@@ -96,47 +124,22 @@ def _tun(ns: str, addr: str, offload: bool) -> NativeTun:
     return tun
 
 
-def _naive_loop(src: int, dst: int, stop: threading.Event) -> None:
-    """One blocking read and one write system call per packet: the loop anyone writes first.
-
-    *src* must be blocking; :func:`_wake` ends a read blocked when *stop* is set.
-    """
-    buf = bytearray(65536)
-    view = memoryview(buf)
-    while not stop.is_set():
-        try:
-            n = os.readv(src, [view])
-            os.write(dst, view[:n])
-        except OSError:
-            continue  # the kernel refused one packet: a naive loop drops it
-
-
-def _wake(ns: str, target: str) -> None:
-    """Send one datagram from namespace *ns* to *target*, out through its TUN device."""
-    subprocess.run(
-        ["ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "0.2", target],
-        capture_output=True, timeout=10, check=False,
-    )
-
-
 def _iperf(ns_a: str, ns_b: str, seconds: float, streams: int) -> tuple[float, int]:
-    server = subprocess.Popen(
+    server = children.start(
         ["ip", "netns", "exec", ns_b, "iperf3", "-s", "-1", "-p", str(_PORT)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(50):  # wait for the server's socket
-            probe = subprocess.run(
-                ["ip", "netns", "exec", ns_b, "ss", "-Hltn", f"sport = :{_PORT}"],
-                capture_output=True, text=True, check=False,
-            )
+            probe = children.run(["ip", "netns", "exec", ns_b, "ss", "-Hltn", f"sport = :{_PORT}"],
+                                 timeout=10)
             if probe.stdout.strip():
                 break
             time.sleep(0.1)
-        client = subprocess.run(
+        client = children.run(
             ["ip", "netns", "exec", ns_a, "iperf3", "-c", _B_ADDR, "-p", str(_PORT),
              "-t", f"{seconds:g}", "-P", str(streams), "--json"],
-            capture_output=True, text=True, timeout=seconds + 60, check=False,
+            timeout=seconds + 60,
         )
         report = json.loads(client.stdout)
         if "error" in report:
@@ -146,9 +149,7 @@ def _iperf(ns_a: str, ns_b: str, seconds: float, streams: int) -> tuple[float, i
             end["sum_sent"].get("retransmits", 0)
         )
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
+        children.end(server)
 
 
 def _join(via: str, a: NativeTun, b: NativeTun, passthrough: bool) -> Callable[[], None]:
@@ -183,6 +184,22 @@ def _join(via: str, a: NativeTun, b: NativeTun, passthrough: bool) -> Callable[[
     return stop_forwarders
 
 
+def _run_naive(result: BenchResult, ns_a: str, ns_b: str, a: NativeTun, b: NativeTun) -> None:
+    fds = (a.fileno(), b.fileno())
+    loop = children.start([sys.executable, "-c", _NAIVE, *map(str, fds)], pass_fds=fds,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert loop.stdout is not None and loop.stderr is not None
+        if loop.stdout.readline().strip() != "ready":
+            lines = loop.stderr.read().strip().splitlines()
+            raise RuntimeError(f"the naive loop did not start: {lines[-1] if lines else '?'}")
+        result.gbit_s, result.retransmits = _iperf(ns_a, ns_b, result.seconds, result.streams)
+    finally:
+        children.end(loop)
+        for fd in fds:  # the loop made the descriptions blocking; the devices expect otherwise
+            os.set_blocking(fd, False)
+
+
 def _run_setup(name: str, via: str, seconds: float, streams: int) -> BenchResult:
     result = BenchResult(name, 0.0, streams, seconds, via=via if name.startswith("tunkit") else "")
     with _pair(name) as (ns_a, ns_b):
@@ -198,25 +215,7 @@ def _run_setup(name: str, via: str, seconds: float, streams: int) -> BenchResult
         offload = name in ("tunkit", "tunkit-split")
         with _tun(ns_a, _A_ADDR, offload) as a, _tun(ns_b, _B_ADDR, offload) as b:
             if name == "naive":
-                stop = threading.Event()
-                threads = []
-                for x, y in ((a, b), (b, a)):
-                    os.set_blocking(x.fileno(), True)  # NativeTun's own calls are not used
-                    threads.append(threading.Thread(
-                        target=_naive_loop, args=(x.fileno(), y.fileno(), stop),
-                        name="tunkit-bench-naive",
-                    ))
-                for t in threads:
-                    t.start()
-                try:
-                    result.gbit_s, result.retransmits = _iperf(ns_a, ns_b, seconds, streams)
-                finally:
-                    stop.set()
-                    wakers = ((ns_a, _B_ADDR), (ns_b, _A_ADDR))
-                    for t, (ns, target) in zip(threads, wakers, strict=True):
-                        while t.is_alive():
-                            _wake(ns, target)
-                            t.join(0.5)
+                _run_naive(result, ns_a, ns_b, a, b)
                 return result
             end = _join(via, a, b, passthrough=name != "tunkit-split")
             try:
@@ -248,7 +247,7 @@ def run_pair_load(
         raise ValueError(f"unknown setup {unknown[0]!r}; choose from {', '.join(SETUPS)}")
     if via not in VIAS:
         raise ValueError(f"unknown via {via!r}; choose from {', '.join(VIAS)}")
-    remove_stale_netns(_NS_PREFIX)
+    children.remove_leftovers(_NS_PREFIX)
     results = []
     for name in setups:
         if on_start is not None:

@@ -2,7 +2,8 @@
 
 Every check here fails with :class:`UsageError`, whose message is the one
 line that ``tunkit`` prints (exit status 2): a person's mistake or a missing
-piece of the machine, never a traceback.
+piece of the machine, never a traceback. :class:`HelpFormatter` is how every
+``--help`` shows its arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Final
 
 __all__ = [
     "DEVICE_TOOLS",
+    "HelpFormatter",
     "UsageError",
     "missing_capabilities",
     "positive",
@@ -65,6 +67,23 @@ def require(what: str, tools: tuple[tuple[str, str], ...] = DEVICE_TOOLS) -> Non
     for tool, package in tools:
         if shutil.which(tool) is None:
             raise UsageError(f"{what} needs '{tool}', which is missing (Debian package: {package})")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """A description as written (its examples keep their lines), each option with its default.
+
+    ``(default: ...)`` follows the help of an option whose default is a value
+    (not ``None``, a flag's ``True``/``False`` or the empty list of a repeatable
+    option) and whose help does not say it already.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is argparse.SUPPRESS or isinstance(default, bool)
+                or default == [] or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def positive(text: str) -> int:
