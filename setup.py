@@ -14,7 +14,7 @@ from setuptools import Extension, setup
 
 _STRICT = ["-Wall", "-Wextra", "-Werror", "-O3", "-std=c11"]
 # One extension module, a unit per concern; the units share _speedups/tunkit.h.
-_UNITS = ["checksum", "split", "coalesce", "packet_io", "module"]
+_UNITS = ["checksum", "split", "coalesce", "packet_io", "mmsg", "module"]
 
 ext_modules = []
 if os.environ.get("TUNKIT_PURE_PYTHON", "") in ("", "0"):

@@ -32,6 +32,9 @@ class Harness(Protocol):
     def packet(self, i: int, size: int) -> bytes:
         """A valid IPv4 packet of exactly *size* bytes, distinct for each *i*."""
 
+    def wait_blocked(self, thread: threading.Thread) -> None:
+        """Return once *thread* is blocked in a read of ``tun``; fail if it returns instead."""
+
     def close(self) -> None:
         """Release what the harness made (the Tun included)."""
 
@@ -152,11 +155,14 @@ class TunConformance:
     def test_close_unblocks_a_blocked_read(self, harness: Harness) -> None:
         tun = harness.tun
         thread, errors = in_thread(lambda: read_packets(tun, 1, timeout=30))
-        time.sleep(0.2)
-        assert thread.is_alive(), "read returned with no packet"
-        started = time.monotonic()
-        tun.close()
-        thread.join(5)
+        try:
+            harness.wait_blocked(thread)
+            thread.join(0.2)  # and it stays blocked
+            assert thread.is_alive(), "read returned with no packet"
+            started = time.monotonic()
+        finally:
+            tun.close()
+            thread.join(5)
         assert not thread.is_alive()
         assert time.monotonic() - started < 1.0
         assert len(errors) == 1 and isinstance(errors[0], ClosedError)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
+from blocking import wait_in_poll
 
 import tunkit
 from tunkit._linux import device as tk_device
@@ -233,6 +234,9 @@ class NativeHarness:
             if addr[2] != PACKET_OUTGOING:
                 out.append(data)
         return out
+
+    def wait_blocked(self, thread: threading.Thread) -> None:
+        wait_in_poll(thread)
 
     def close(self) -> None:
         for sock in ("_raw", "_tap"):

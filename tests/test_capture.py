@@ -21,6 +21,7 @@ from typing import Any
 
 import pcap_readers
 import pytest
+from blocking import wait_inside
 from conformance import Harness, TunConformance, in_thread, read_packets, write_packets
 from netns_util import (  # noqa: F401
     DEVICE_KINDS,
@@ -244,25 +245,27 @@ def test_close_from_two_threads_at_once() -> None:
     def closer() -> None:
         barrier.wait()
         cap.close()
-        done.append(threading.current_thread().name)
+        # Whichever close() did the work, each returns once it is done.
+        done.append(f"capture thread alive: {cap._thread.is_alive()}")  # type: ignore[attr-defined]
 
     threads = [threading.Thread(target=closer, name=f"test-close-{i}") for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
-    assert len(done) == 3 and host.closed
+    assert done == ["capture thread alive: False"] * 3 and host.closed
 
 
-class LateReturn:
-    """A pipe end whose write returns some time after the packet went out."""
+class HeldReturn:
+    """A pipe end whose write returns only when the test lets it, after the packet went out."""
 
-    def __init__(self, end: PipeTun, delay: float) -> None:
-        self.end, self.delay = end, delay
+    def __init__(self, end: PipeTun) -> None:
+        self.end = end
+        self.returning = threading.Event()
 
     def write(self, bufs: Sequence[Any], offset: int = 0) -> int:
         n = self.end.write(bufs, offset)
-        time.sleep(self.delay)  # the window between the system call and the return
+        self.returning.wait(10)  # the window between the system call and the return
         return n
 
     def __getattr__(self, name: str) -> Any:
@@ -272,13 +275,22 @@ class LateReturn:
 def test_close_waits_for_a_call_in_flight_to_record_what_it_moved() -> None:
     host, end = tunkit.pipe()
     file = io.BytesIO()
-    cap = tunkit.capture(LateReturn(end, 0.3), file)  # type: ignore[arg-type]
+    held = HeldReturn(end)
+    cap = tunkit.capture(held, file)  # type: ignore[arg-type]
     pkt = ipv4_packet(1, 80)
     thread, errors = in_thread(lambda: cap.write([pkt]))
-    assert read_packets(host, 1) == [pkt]  # out, while the write has not returned
-    cap.close()
-    thread.join(10)
-    assert not errors
+    closer, close_errors = in_thread(lambda: None)
+    try:
+        assert read_packets(host, 1) == [pkt]  # out, while the write has not returned
+        closer, close_errors = in_thread(cap.close)
+        # close() waits for the call in flight (which has not returned yet).
+        wait_inside(closer, type(cap).close, threading.Condition.wait)
+        assert thread.is_alive()
+    finally:
+        held.returning.set()
+        closer.join(10)
+        thread.join(10)
+    assert not errors and not close_errors
     assert [(r.direction, r.data) for r in records(file.getvalue())] == [("out", pkt)]
 
 

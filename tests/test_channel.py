@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
+from blocking import wait_channel, wait_inside
 from conformance import in_thread
 
 from tunkit import Channel, ClosedError, ReadOnClosedChannelError, WriteOnClosedChannelError
@@ -83,13 +83,16 @@ def test_write_blocks_until_every_packet_was_taken() -> None:
 def test_concurrent_writers_are_served_whole_batch_by_whole_batch_in_order() -> None:
     ch = Channel()
     threads = []
-    for w in range(5):
-        thread, _ = in_thread(lambda w=w: ch.write([bytes([w, k]) for k in range(4)]))
-        threads.append(thread)
-        time.sleep(0.05)  # arrival order: writer 0 first
-    got = []
-    for _ in range(20):
-        got.extend(_read(ch, 1, 10))
+    with ch:  # closed on the way out, should a wait fail: no writer is left blocked
+        for w in range(5):
+            thread, _ = in_thread(lambda w=w: ch.write([bytes([w, k]) for k in range(4)]))
+            threads.append(thread)
+            # Arrival order: writer w is queued and asleep before writer w + 1 starts.
+            wait_channel(ch, writers=w + 1, readers=0)
+            wait_inside(thread, Channel.write)
+        got = []
+        for _ in range(20):
+            got.extend(_read(ch, 1, 10))
     for thread in threads:
         thread.join(2)
     assert got == [bytes([w, k]) for w in range(5) for k in range(4)]
@@ -98,8 +101,10 @@ def test_concurrent_writers_are_served_whole_batch_by_whole_batch_in_order() -> 
 def test_close_unblocks_reader_and_writer_and_later_calls_raise() -> None:
     ch = Channel()
     reader, r_err = in_thread(lambda: _read(ch, 1, 10))
-    time.sleep(0.05)
-    ch.close()
+    with ch:
+        wait_channel(ch, writers=0, readers=1)
+        wait_inside(reader, Channel.read)
+        ch.close()
     reader.join(2)
     assert len(r_err) == 1 and isinstance(r_err[0], ReadOnClosedChannelError)
     assert "tun: read on closed Tun channel" in str(r_err[0])
@@ -109,8 +114,10 @@ def test_close_unblocks_reader_and_writer_and_later_calls_raise() -> None:
 
     ch2 = Channel()
     writer, w_err = in_thread(lambda: ch2.write([b"x"]))
-    time.sleep(0.05)
-    ch2.close()
+    with ch2:
+        wait_channel(ch2, writers=1, readers=0)
+        wait_inside(writer, Channel.write)
+        ch2.close()
     writer.join(2)
     assert len(w_err) == 1 and isinstance(w_err[0], WriteOnClosedChannelError)
     assert isinstance(w_err[0], ClosedError) and isinstance(w_err[0], OSError)

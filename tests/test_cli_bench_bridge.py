@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,13 +12,15 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cli_util import ENV80, TUNKIT, ChildWatch, assert_readable_at_80, our_namespaces
-from netns_util import need_tool, netns_factory, root  # noqa: F401
+from netns_util import disable_ipv6, need_tool, netns_factory, root  # noqa: F401
 
+import tunkit
+from tunkit._linux import netlink
 from tunkit._linux.netns import delete_netns, list_netns
 
 DROP_CAPS = ["setpriv", "--inh-caps=-net_admin,-sys_admin",
@@ -49,6 +52,19 @@ def test_bench_measures_all_setups_writes_json_and_plot(root: None, tmp_path: Pa
     assert our_namespaces(proc.pid) == []
 
 
+@contextlib.contextmanager
+def _watching(proc: subprocess.Popen[str]) -> Iterator[ChildWatch]:
+    """Watch *proc*'s children; on the way out, *proc* is ended (if need be) and reaped."""
+    watch = ChildWatch(proc.pid)
+    try:
+        yield watch
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        watch.close()
+
+
 def _is_naive_loop(cmdline: str) -> bool:
     return "os.read(src" in cmdline
 
@@ -69,24 +85,101 @@ def test_bench_runs_naive_as_its_own_program_and_no_offload_shows_no_offload(
     need_tool("iperf3")
     proc = subprocess.Popen([*TUNKIT, "bench", "--no-offload", "--seconds", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV80)
-    watch = ChildWatch(proc.pid)
-    try:
+    with _watching(proc) as watch:
         # The baseline is a program of its own, holding the two devices.
         watch.wait_for(_is_naive_loop, timeout=120)
         naive = [pid for pid, c in watch.look().items() if _is_naive_loop(c)]
         assert [_tun_descriptors(pid) for pid in naive] == [2]
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        watch.close()
     assert proc.returncode == 0, out + err
     assert [line.split()[1] for line in out.splitlines() if re.match(r"│ [a-z-]+ +│", line)] \
         == ["tunkit-nooffload", "veth", "naive"], out
     assert "gso" not in out and "coalesced" not in out  # no columns of zeros
     assert_readable_at_80(out)
     assert our_namespaces(proc.pid) == []
+
+
+@pytest.mark.timeout(240)
+def test_bench_queues_runs_worker_setups_with_cpu_and_leaves_nothing(
+    root: None, tmp_path: Path,
+) -> None:
+    need_tool("iperf3")
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [*TUNKIT, "bench", "--seconds", "1", "--streams", "4", "--queues", "2",
+         "--json", str(out_json)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV80,
+    )
+    with _watching(proc) as watch:
+        deadline = time.monotonic() + 220
+        while proc.poll() is None and time.monotonic() < deadline:
+            watch.look()  # every child, the workers among them, while it runs
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=10)
+        left = watch.running(timeout=5)
+    assert proc.returncode == 0, out + err
+    assert left == {}, left
+    results = {r["name"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert list(results) == ["tunkit", "tunkit-mq", "tunkit-split", "tunkit-split-mq",
+                             "tunkit-nooffload", "veth", "naive"]
+    for r in results.values():
+        assert r["gbit_s"] > 0 and r["streams"] == 4 and r["error"] == "", r
+    # The CPU of the processes that move the packets: this one, the naive
+    # program, or each worker; all but this one its children, now gone.
+    # (Children are known by pid: one seen before its exec shows the parent's command line.)
+    children = set(watch.cmdlines)
+    others: list[int] = []
+    for name, r in results.items():
+        labels = [c["process"] for c in r["cpu"]]
+        pids = [c["pid"] for c in r["cpu"]]
+        if name.endswith("-mq"):
+            assert r["queues"] == 2 and labels == ["worker 0", "worker 1"], r
+            assert len(r["queue_packets"]) == 2 and sum(r["queue_packets"]) > 0, r
+            assert r["stats"]["a"]["packets_read"] > 0 and r["stats"]["b"]["packets_read"] > 0
+            others += pids
+        elif name == "veth":
+            assert labels == []
+        elif name == "naive":
+            assert labels == ["naive"], r
+            others += pids
+        else:
+            assert (labels, pids) == (["benchmark"], [proc.pid]), r
+        for c in r["cpu"]:
+            assert c["seconds"] > 0 and c["share"] > 0, r
+    assert len(set(others)) == 5 and set(others) <= children, (others, watch.cmdlines)
+    # The figures table: a "% core" column, one figure per worker.
+    rows = {line.split()[1]: line for line in out.splitlines()
+            if re.match(r"│ [a-z-]+ +│ +\d+\.\d\d │", line)}
+    assert list(rows) == list(results), out
+    assert re.search(r"│ +\d+ \d+ │$", rows["tunkit-split-mq"]), out
+    assert re.search(r"│ +\d+ │$", rows["tunkit"]) and rows["veth"].endswith("- │"), out
+    assert "% core" in out
+    assert_readable_at_80(out)
+    assert our_namespaces(proc.pid) == []
+
+
+@pytest.mark.timeout(120)
+def test_bench_ended_by_sigterm_while_workers_run_ends_and_reaps_them(root: None) -> None:
+    need_tool("iperf3")
+    proc = subprocess.Popen([*TUNKIT, "bench", "--seconds", "3", "--streams", "4",
+                             "--queues", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV80)
+    with _watching(proc) as watch:
+        watch.wait_for(lambda cmdline: "tunkit._linux.queues" in cmdline, timeout=90)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        left = watch.running(timeout=5)
+    assert proc.returncode == 143, out + err
+    assert err.strip().endswith("tunkit: interrupted (SIGTERM)"), err
+    assert left == {}, left
+    assert our_namespaces(proc.pid) == []
+
+
+def test_bench_queues_needs_offload() -> None:
+    proc = subprocess.run([*TUNKIT, "bench", "--queues", "2", "--no-offload"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tunkit: --queues runs tunkit-mq and tunkit-split-mq")
 
 
 def test_bench_usage_errors() -> None:
@@ -165,6 +258,66 @@ def test_bridge_creates_devices_carries_ping_and_removes_them(
     assert gone.returncode != 0, "the created device outlived the bridge"
 
 
+def _tshark_records(tshark: str, path: Path) -> list[tuple[str, str, str, int, int]]:
+    """(interface, source, destination, direction flag, ICMP sequence) of each echo in *path*."""
+    fields = ["frame.interface_name", "ip.src", "ip.dst", "frame.packet_flags_direction",
+              "icmp.seq"]
+    proc = subprocess.run([tshark, "-r", str(path), "-Y", "icmp", "-T", "fields",
+                           *(a for f in fields for a in ("-e", f))],
+                          capture_output=True, text=True, timeout=60, check=True)
+    out = []
+    for line in proc.stdout.splitlines():
+        name, src, dst, flags, seq = line.split("\t")
+        out.append((name, src, dst, int(flags, 16), int(seq)))
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_bridge_pcap_records_both_devices_and_verbose_prints_each_packet(
+    netns_factory: Callable[[str], str], tmp_path: Path,
+) -> None:
+    need_tool("ping")
+    tshark = need_tool("tshark")
+    ns_a, ns_b = netns_factory("bca"), netns_factory("bcb")
+    for ns in (ns_a, ns_b):
+        disable_ipv6(ns)  # the pings are all that crosses
+    pcap = tmp_path / "bridge.pcapng"
+    a, b = "10.218.0.1", "10.218.0.2"
+    proc = _start_bridge(["tka", "tkb", "--create", "--netns-a", ns_a, "--netns-b", ns_b,
+                          "--address", f"tka={a}/24", "--address", f"tkb={b}/24",
+                          "--pcap", str(pcap), "--verbose"])
+    try:
+        ping = _ping(ns_a, b)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        out = _stop(proc)
+    # Each echo request read ("in", 1) from tka and written ("out", 2) to tkb; each reply
+    # the other way round. The file's order between the two devices is the capture threads'.
+    inbound, outbound = 1, 2
+    expected = [rec for seq in (1, 2, 3) for rec in (
+        ("tka", a, b, inbound, seq), ("tkb", a, b, outbound, seq),
+        ("tkb", b, a, inbound, seq), ("tka", b, a, outbound, seq),
+    )]
+    assert sorted(_tshark_records(tshark, pcap)) == sorted(expected)
+    lines = [line for line in out.splitlines() if re.match(r" *\d+\.\d{6} ", line)]
+    summaries = [line.split(maxsplit=1)[1] for line in lines]
+    assert summaries == [
+        f"tka → tkb IP {a} > {b}: icmp echo request, len 64",
+        f"tkb → tka IP {b} > {a}: icmp echo reply, len 64",
+    ] * 3, out
+    assert "  --pcap: 12 packets recorded" in out.splitlines(), out
+    assert "  --verbose: 6 lines, 0 packets not shown" in out.splitlines(), out
+
+
+def test_bridge_refuses_a_pcap_file_it_cannot_write_before_making_anything(root: None) -> None:
+    proc = subprocess.run([*TUNKIT, "bridge", "tka", "tkb", "--create",
+                           "--pcap", "/nonexistent-tunkit/b.pcapng"],
+                          capture_output=True, text=True, timeout=30, check=False, env=ENV80)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("tunkit: --pcap /nonexistent-tunkit/b.pcapng: "
+                           "No such file or directory\n")
+
+
 @pytest.mark.timeout(60)
 def test_bridge_joins_existing_persistent_devices(netns_factory: Callable[[str], str]) -> None:
     need_tool("ping")
@@ -173,8 +326,11 @@ def test_bridge_joins_existing_persistent_devices(netns_factory: Callable[[str],
         subprocess.run(["ip", "-n", ns, "tuntap", "add", "mode", "tun", "name", dev], check=True)
         subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    assert [_tun(ns, dev).vnet_hdr for ns, dev in ((ns_a, "tpa"), (ns_b, "tpb"))] == [False] * 2
     proc = _start_bridge(["tpa", "tpb", "--netns-a", ns_a, "--netns-b", ns_b])
     try:
+        # Attached with offload: the virtio header is on while the bridge holds them.
+        assert [_tun(ns, d).vnet_hdr for ns, d in ((ns_a, "tpa"), (ns_b, "tpb"))] == [True] * 2
         ping = _ping(ns_a, "10.216.0.2")
         assert ping.returncode == 0, ping.stdout + ping.stderr
     finally:
@@ -184,12 +340,56 @@ def test_bridge_joins_existing_persistent_devices(netns_factory: Callable[[str],
     assert still.returncode == 0, "a persistent device must outlive the bridge"
 
 
+def _tun(ns: str, name: str) -> netlink.TunInfo:
+    info = netlink.tun_info(ns, name)
+    assert info is not None, name
+    return info
+
+
+@pytest.mark.timeout(60)
+def test_bridge_attaches_to_a_multi_queue_device_whose_other_queue_has_no_offload(
+    netns_factory: Callable[[str], str],
+) -> None:
+    ns_a, ns_b = netns_factory("bqa"), netns_factory("bqb")
+    subprocess.run(["ip", "-n", ns_a, "tuntap", "add", "mode", "tun", "multi_queue",
+                    "name", "tqa"], check=True)
+    subprocess.run(["ip", "-n", ns_b, "tuntap", "add", "mode", "tun", "name", "tqb"], check=True)
+    # Another program's queue, without the virtio header: every queue of tqa has it off.
+    held = tunkit.attach_tun("tqa", netns=ns_a, offload=False)
+    try:
+        proc = _start_bridge(["tqa", "tqb", "--netns-a", ns_a, "--netns-b", ns_b])
+        try:
+            assert _tun(ns_a, "tqa").queues == 2  # the bridge's queue beside the other one
+        finally:
+            _stop(proc)
+    finally:
+        held.close()
+
+
+@pytest.mark.parametrize(("kind", "what"), [
+    (["link", "add", "tkd0", "type", "veth", "peer", "name", "tkd9"], "it is a veth link"),
+    (["tuntap", "add", "mode", "tap", "name", "tkd0"], "it is a TAP device"),
+], ids=["veth", "tap"])
+def test_bridge_attaches_only_to_a_tun_device(
+    netns_factory: Callable[[str], str], kind: list[str], what: str,
+) -> None:
+    ns = netns_factory("bkind")
+    subprocess.run(["ip", "-n", ns, *kind], check=True)
+    proc = subprocess.run([*TUNKIT, "bridge", "tkd0", "tkd1", "--netns-a", ns, "--netns-b", ns],
+                          capture_output=True, text=True, timeout=30, check=False, env=ENV80)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"tunkit: no TUN device 'tkd0' in network namespace {ns!r}: {what} "
+                           "(make one with 'ip tuntap add mode tun tkd0', or pass --create)\n")
+
+
 def test_bridge_names_a_missing_device(netns_factory: Callable[[str], str]) -> None:
     ns = netns_factory("bmiss")
     proc = subprocess.run([*TUNKIT, "bridge", "nope0", "nope1", "--netns-a", ns, "--netns-b", ns],
                           capture_output=True, text=True, timeout=30, check=False, env=ENV80)
     assert proc.returncode == 2
-    assert "no TUN device named 'nope0'" in proc.stderr and "--create" in proc.stderr
+    assert proc.stderr == (f"tunkit: no TUN device 'nope0' in network namespace {ns!r}: there is "
+                           "no such link (make one with 'ip tuntap add mode tun nope0', or pass "
+                           "--create)\n")
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

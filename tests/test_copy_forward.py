@@ -8,6 +8,7 @@ from collections.abc import MutableSequence, Sequence
 from typing import Any
 
 import pytest
+from blocking import wait_channel, wait_inside, wait_until
 from conformance import in_thread, read_packets, write_packets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -93,9 +94,13 @@ def test_copy_returns_none_when_a_tun_is_closed_and_closes_the_other() -> None:
     a_user, a = tunkit.pipe()
     b, b_user = tunkit.pipe()
     copier, errors = in_thread(lambda: tunkit.copy(a, b))
-    time.sleep(0.05)
-    a_user.close()
-    copier.join(5)
+    try:
+        # Both directions running: each blocked in a read of its Tun.
+        wait_channel(a._rx, writers=0, readers=1)
+        wait_channel(b._rx, writers=0, readers=1)
+    finally:
+        a_user.close()
+        copier.join(5)
     assert not copier.is_alive() and errors == []
     with pytest.raises(tunkit.ClosedError):
         b_user.write([b"x"])
@@ -197,8 +202,12 @@ def test_forwarder_carries_packets_and_returns_every_buffer(pool_kind: str) -> N
 def test_forwarder_waits_without_tuns_and_stop_joins_its_threads() -> None:
     before = set(_tunkit_threads())
     with Forwarder() as fwd:
-        assert len(set(_tunkit_threads()) - before) == 2
-        time.sleep(0.05)
+        started = [t for t in threading.enumerate() if t.name.startswith("tunkit-fwd")]
+        assert len(set(_tunkit_threads()) - before) == 2 and len(started) == 2
+        # Waiting: each asleep on the Forwarder's condition, not spinning, not gone.
+        reader, writer = sorted(started, key=lambda t: "write" in t.name)
+        wait_inside(reader, Forwarder._read_loop, threading.Condition.wait)
+        wait_inside(writer, Forwarder._writer, threading.Condition.wait)
     assert fwd.stopped
     assert set(_tunkit_threads()) == before
     a, _b = tunkit.pipe()
@@ -209,30 +218,36 @@ def test_forwarder_waits_without_tuns_and_stop_joins_its_threads() -> None:
 
 @pytest.mark.parametrize("batch", [4, 1], ids=["batches", "streak"])
 def test_forwarder_hot_swap_of_the_write_tun_loses_no_accepted_packet(batch: int) -> None:
-    """Batch 1 (no offload) is moved by the reader's streak of its own writes."""
+    """Each swap comes while a write to the old Tun is blocked, with batches queued behind it.
+
+    The reader of each write Tun but the last stops after a share of the
+    packets, so the Forwarder is stuck in a write to it when it is swapped
+    out: the rest of that batch, and the queue, must go to the new one. Batch
+    1 (no offload) is moved by the reader's streak of its own writes.
+    """
     pool = DebugPool()
     src_user, src = tunkit.pipe(batch)
-    first, first_user = tunkit.pipe(2)
     fwd = Forwarder(pool)
     fwd.set_read_tun(src)
-    fwd.set_write_tun(first)
-    total = 400
+    total, share = 400, 40
     packets = [ipv4_packet(i, 64) for i in range(total)]
     received: list[bytes] = []
     lock = threading.Lock()
 
-    def drain(tun: Any) -> None:
+    def drain(tun: Any, limit: int | None) -> None:
+        """Read until *tun* closes, or until *limit* packets came (then read no more)."""
         bufs = [bytearray(1500) for _ in range(4)]
         sizes = [0] * 4
-        while True:
+        got = 0
+        while limit is None or got < limit:
             try:
                 n = tun.read(bufs, sizes)
             except tunkit.ClosedError:
                 return
+            got += n
             with lock:
                 received.extend(bytes(bufs[i][: sizes[i]]) for i in range(n))
 
-    d1, _ = in_thread(lambda: drain(first_user))
     accepted: list[int] = []
 
     def produce() -> None:
@@ -243,25 +258,25 @@ def test_forwarder_hot_swap_of_the_write_tun_loses_no_accepted_packet(batch: int
             i += n
 
     writer, werr = in_thread(produce)
-    swaps = []
-    for _ in range(5):
-        time.sleep(0.02)
-        nxt, nxt_user = tunkit.pipe(3)
-        swaps.append((nxt, nxt_user, in_thread(lambda u=nxt_user: drain(u))[0]))
-        fwd.set_write_tun(nxt)
-    writer.join(10)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with lock:
-            if len(received) >= sum(accepted):
-                break
-        time.sleep(0.01)
-    fwd.stop()
-    first_user.close()
-    d1.join(5)
-    for _, user, thread in swaps:
-        user.close()
-        thread.join(5)
+    outs = []
+    try:
+        for k in range(6):
+            nxt, nxt_user = tunkit.pipe(2 if k == 0 else 3)
+            limit = share if k < 5 else None
+            outs.append((nxt_user, in_thread(lambda u=nxt_user, n=limit: drain(u, n))[0]))
+            fwd.set_write_tun(nxt)
+            if limit is not None:
+                outs[-1][1].join(10)  # took its share and reads no more: the next write blocks
+                wait_channel(nxt._tx, writers=1, readers=0)
+        writer.join(10)
+        wait_until(lambda: len(received) >= sum(accepted), "every accepted packet arrived", 5)
+    finally:
+        fwd.stop()
+        src_user.close()
+        writer.join(5)
+        for user, thread in outs:
+            user.close()
+            thread.join(5)
     assert not werr and sum(accepted) == total
     assert sorted(received) == sorted(packets)
     assert pool.outstanding == 0

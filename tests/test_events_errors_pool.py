@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
+from blocking import wait_inside
 
 import tunkit
 from tunkit import (
@@ -40,20 +40,31 @@ def test_events_get_times_out_and_wakes_on_put() -> None:
     events = Events()
     with pytest.raises(TimeoutError):
         events.get(timeout=0.05)
-    timer = threading.Timer(0.05, events.put, (Event.DOWN,))
-    timer.start()
-    assert events.get(timeout=5) is Event.DOWN
-    timer.join()
+    got: list[object] = []
+    getter = threading.Thread(target=lambda: got.append(events.get(timeout=60)), name="test-get")
+    getter.start()
+    try:
+        wait_inside(getter, Events.get, threading.Condition.wait)  # put comes while get waits
+        events.put(Event.DOWN)
+        getter.join(10)
+        woken = not getter.is_alive()
+    finally:
+        events.close()  # ends a get that put did not wake (it then returns the queued event)
+        getter.join(5)
+    assert woken, "put did not wake the waiting get"
+    assert got == [Event.DOWN]
 
 
 def test_close_wakes_a_blocked_get() -> None:
     events = Events()
     got: list[object] = []
-    thread = threading.Thread(target=lambda: got.append(events.get()))
+    thread = threading.Thread(target=lambda: got.append(events.get()), name="test-get")
     thread.start()
-    time.sleep(0.05)
-    events.close()
-    thread.join(2)
+    try:
+        wait_inside(thread, Events.get, threading.Condition.wait)
+    finally:
+        events.close()
+        thread.join(2)
     assert got == [None]
 
 

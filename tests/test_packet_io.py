@@ -8,19 +8,19 @@ devices. Expected values come from the socket on the other side.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from blocking import signal_when_polling, wait_in_poll
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packets import UDP, Flow, payload_bytes, vnet
+from reuse import occupy
 
 from tunkit._linux.fd import PACKET_IO
 from tunkit._offload._impl import REASON
@@ -112,6 +112,7 @@ def test_read_waits_for_a_packet_and_releases_the_gil(ends: Ends) -> None:
     result: list[int] = []
     reader = threading.Thread(target=lambda: result.append(ends.io.read(buf, OFFSET, over)))
     reader.start()
+    wait_in_poll(reader)
     deadline = time.monotonic() + 0.2
     while time.monotonic() < deadline:  # runs only while the reader waits without the GIL
         ticks += 1
@@ -126,7 +127,8 @@ def test_write_waits_while_the_peer_is_full(ends: Ends) -> None:
     result: list[int] = []
     writer = threading.Thread(target=lambda: result.append(ends.io.write(b"w" * 520, 20)))
     writer.start()
-    time.sleep(0.1)
+    wait_in_poll(writer)
+    writer.join(0.1)  # and it stays blocked
     assert writer.is_alive(), "write returned while the peer was full"
     got = [ends.peer.recv(1000) for _ in range(sent)]  # make room
     writer.join(5)
@@ -140,7 +142,8 @@ def _waiting_read(ends: Ends) -> tuple[threading.Thread, list[int]]:
     result: list[int] = []
     reader = threading.Thread(target=lambda: result.append(ends.io.read(buf, OFFSET, over)))
     reader.start()
-    time.sleep(0.05)
+    wait_in_poll(reader)
+    reader.join(0.05)  # and it stays blocked
     assert reader.is_alive(), "read returned with nothing to read"
     return reader, result
 
@@ -173,18 +176,16 @@ def test_after_drain_no_call_reaches_the_number(ends: Ends) -> None:
     fd = ends.ours.fileno()
     ends.ours.close()
     # Whatever takes the number now must see nothing from the drained object.
-    r, w = os.pipe()
-    try:
+    with occupy(fd) as nobody_used_it:
         buf, over = bytearray(OFFSET + 100), bytearray(200)
         assert ends.io.write(b"x" * 40, OFFSET) == -errno.EBADF
         assert ends.io.read(buf, OFFSET, over) == -errno.EBADF
-        if fd in (r, w):
-            os.set_blocking(r, False)
-            with pytest.raises(BlockingIOError):
-                os.read(r, 1)
-    finally:
-        os.close(r)
-        os.close(w)
+        assert ends.io.read_gso([buf], [0], AT, over) == (0, -errno.EBADF)
+        assert ends.io.write_gso([bytes(AT) + vnet() + Flow().packet(b"x")], AT, 0) == (
+            0,
+            -errno.EBADF,
+        )
+        nobody_used_it()
 
 
 def test_drain_waits_for_a_call_in_progress(ends: Ends) -> None:
@@ -241,21 +242,6 @@ def test_bad_arguments_raise(ends: Ends) -> None:
     assert ends.peer.recv(10) == b""
 
 
-@contextlib.contextmanager
-def _signal_in(seconds: float, handler: signal._HANDLER) -> Iterator[None]:
-    """Run *handler* on SIGUSR1 sent to this (the main) thread after *seconds*."""
-    old = signal.signal(signal.SIGUSR1, handler)
-    main = threading.get_ident()
-    timer = threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGUSR1))
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        timer.join()
-        signal.signal(signal.SIGUSR1, old)
-
-
 def test_a_signal_handler_may_close_while_the_read_waits(ends: Ends) -> None:
     """The handler runs outside the call's count: its drain() does not wait for itself."""
     assert threading.current_thread() is threading.main_thread()
@@ -265,7 +251,7 @@ def test_a_signal_handler_may_close_while_the_read_waits(ends: Ends) -> None:
         os.eventfd_write(ends.wake, 1)
         ends.io.drain()
 
-    with _signal_in(0.05, close_from_handler):
+    with signal_when_polling(close_from_handler):
         assert ends.io.read(buf, OFFSET, over) == -errno.EBADF
 
 
@@ -275,7 +261,7 @@ def test_an_exception_from_a_signal_handler_ends_the_read(ends: Ends) -> None:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    with _signal_in(0.05, interrupt), pytest.raises(KeyboardInterrupt):
+    with signal_when_polling(interrupt), pytest.raises(KeyboardInterrupt):
         ends.io.read(buf, OFFSET, over)
     # The call counted itself out: the read works again, and drain returns.
     ends.peer.send(b"after")
@@ -372,7 +358,8 @@ def test_write_gso_waits_while_the_peer_is_full(ends: Ends) -> None:
     result: list[tuple[int, int]] = []
     writer = threading.Thread(target=lambda: result.append(ends.io.write_gso([pkt], AT, 0)))
     writer.start()
-    time.sleep(0.1)
+    wait_in_poll(writer)
+    writer.join(0.1)  # and it stays blocked
     assert writer.is_alive(), "write_gso returned while the peer was full"
     for _ in range(sent):
         ends.peer.recv(1000)
@@ -523,7 +510,7 @@ def test_eintr_after_progress_is_no_error(ends: Ends) -> None:
     assert ends.peer.recv(1000) == b"f" * 500  # room for one more record
     pkt = bytes(AT) + vnet() + Flow().packet(b"p" * 400)
     handled: list[int] = []
-    with _signal_in(0.1, lambda *_: handled.append(1)):
+    with signal_when_polling(lambda *_: handled.append(1)):
         n, err = ends.io.write_gso([pkt, pkt], AT, 0)  # the second waits for room
     assert (n, err) == (1, 0)
     assert handled == [1]

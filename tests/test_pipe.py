@@ -8,10 +8,12 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import pytest
+from blocking import wait_channel, wait_inside
 from conformance import Harness, TunConformance, in_thread, read_packets, write_packets
 
 import tunkit
-from tunkit import Event, ReadOnClosedPipeError, WriteOnClosedPipeError
+from tunkit import Channel, Event, ReadOnClosedPipeError, WriteOnClosedPipeError
+from tunkit._pipe import PipeTun
 
 
 def ipv4_packet(i: int, size: int) -> bytes:
@@ -27,6 +29,7 @@ class PipeHarness:
 
     def __init__(self, batch_size: int, mwo: int, mro: int) -> None:
         self.tun, self.peer = tunkit.pipe(batch_size, 1500, mwo, mro)
+        self.end: PipeTun = self.tun  # the pipe end itself, should tun wrap it
         self._threads: list[threading.Thread] = []
 
     def inject(self, packets: Sequence[bytes]) -> None:
@@ -35,6 +38,10 @@ class PipeHarness:
 
     def collect(self, count: int, timeout: float) -> list[bytes]:
         return read_packets(self.peer, count, timeout=timeout)
+
+    def wait_blocked(self, thread: threading.Thread) -> None:
+        wait_channel(self.end._rx, writers=0, readers=1)
+        wait_inside(thread, PipeTun.read, Channel.read)
 
     def packet(self, i: int, size: int) -> bytes:
         return ipv4_packet(i, size)
@@ -101,9 +108,12 @@ def test_closing_either_end_closes_both_directions() -> None:
 def test_close_unblocks_a_blocked_writer_on_the_other_end() -> None:
     a, b = tunkit.pipe()
     thread, errors = in_thread(lambda: b.write([b"never read"]))
-    thread.join(0.2)
-    assert thread.is_alive()
-    a.close()
+    with a:
+        wait_channel(b._tx, writers=1, readers=0)
+        wait_inside(thread, PipeTun.write, Channel.write)
+        thread.join(0.2)  # and it stays blocked
+        assert thread.is_alive()
+        a.close()
     thread.join(2)
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], WriteOnClosedPipeError)

@@ -13,7 +13,7 @@ SPEC_NAMES = {
     "CallbackTun", "Forwarder", "Point2Point", "BufferPool", "Pool", "DebugPool", "GsoTun",
     "create_tun", "open_tun", "NativeTun", "TunStats", "TunError", "ClosedError",
     "OffsetError", "RetryableError", "TooManySegmentsError", "BufferPoolError",
-    "attach_tun", "delete_tun", "send_tun", "recv_tun",
+    "attach_tun", "delete_tun", "send_tun", "recv_tun", "UdpTun",
 }
 
 

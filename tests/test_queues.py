@@ -11,11 +11,17 @@ handshake, and keeps two per worker. Then it moves data on all four at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import select
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -255,3 +261,53 @@ def test_a_worker_that_cannot_start_is_reported(mq: Devices) -> None:
     assert workers.workers == ()
     assert workers.close() == []
     assert mq.info().queues == 1 and mq.info().disabled_queues == 0
+
+
+# A parent that starts two workers, says their pids, and waits to be killed.
+_PARENT = """
+import sys, time, tunkit
+from tunkit.workers import QueueWorkers
+a = tunkit.create_tun(sys.argv[3], netns=sys.argv[1], multi_queue=True)
+b = tunkit.create_tun(sys.argv[3], netns=sys.argv[2], multi_queue=True)
+workers = QueueWorkers(a, b)
+workers.start(2)
+print(" ".join(str(w.pid) for w in workers.workers), flush=True)
+time.sleep(120)
+"""
+
+
+def test_workers_die_with_a_parent_killed_outright_even_a_stopped_one(
+    netns_factory: MakeNs,
+) -> None:
+    ns_a, ns_b = netns_factory("qda"), netns_factory("qdb")
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, ns_a, ns_b, f"tkd{os.getpid()}"],
+                              stdout=subprocess.PIPE, text=True)
+    pidfds: list[int] = []
+    try:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        pidfds = [os.pidfd_open(pid) for pid in pids]
+        # A stopped worker cannot read its control socket's end: only the
+        # kernel (PR_SET_PDEATHSIG) can end it when the parent dies.
+        signal.pidfd_send_signal(pidfds[0], signal.SIGSTOP)
+        parent.kill()
+        parent.wait(10)
+        poller = select.poll()
+        for fd in pidfds:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + 10
+        exited: set[int] = set()
+        while len(exited) < 2 and time.monotonic() < deadline:
+            exited |= {fd for fd, _ in poller.poll(100)}
+        assert exited == set(pidfds), "a worker outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+        for fd in pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)

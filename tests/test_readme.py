@@ -11,7 +11,14 @@ import pytest
 from netns_util import root  # noqa: F401 - fixture
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+# Scripts (a first line "# name.py: ...") take arguments: their own tests run them
+# (tunnel.py: tests/test_udp_netns.py).
+SCRIPT = re.compile(r"# [\w-]+\.py: ")
+BLOCKS = [
+    b
+    for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    if not SCRIPT.match(b)
+]
 IN_MEMORY = [b for b in BLOCKS if "create_tun" not in b]
 
 

@@ -41,20 +41,23 @@ if TYPE_CHECKING:
     from ._linux.device import NativeTun, TunStats, create_tun, open_tun
     from ._linux.passing import recv_tun, send_tun
     from ._linux.persist import attach_tun, delete_tun
+    from .transport.udp import UdpTun
 
 __version__ = "0.1.0"
 
 # The Linux device needs pyroute2; it is imported on first use, so the
 # in-memory core imports nothing beyond the standard library.
+# The transports sit on the Linux layer (sockets, the descriptor that close() wakes).
 _LINUX_NAMES = {
-    "NativeTun": "device",
-    "TunStats": "device",
-    "create_tun": "device",
-    "open_tun": "device",
-    "attach_tun": "persist",
-    "delete_tun": "persist",
-    "send_tun": "passing",
-    "recv_tun": "passing",
+    "NativeTun": "_linux.device",
+    "TunStats": "_linux.device",
+    "create_tun": "_linux.device",
+    "open_tun": "_linux.device",
+    "attach_tun": "_linux.persist",
+    "delete_tun": "_linux.persist",
+    "send_tun": "_linux.passing",
+    "recv_tun": "_linux.passing",
+    "UdpTun": "transport.udp",
 }
 
 
@@ -63,7 +66,7 @@ def __getattr__(name: str) -> Any:
     if module is not None:
         import importlib
 
-        value = getattr(importlib.import_module(f"._linux.{module}", __name__), name)
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tunkit' has no attribute {name!r}")
@@ -93,6 +96,7 @@ __all__ = [
     "TunError",
     "TunIO",
     "TunStats",
+    "UdpTun",
     "WriteOnClosedChannelError",
     "WriteOnClosedPipeError",
     "attach_tun",

@@ -43,3 +43,34 @@ class PacketIo:
     def counts(self) -> dict[str, int]: ...
 
 def gso_segments(data: ReadableBuffer) -> tuple[int, int]: ...
+@final
+class UdpIo:
+    def __init__(
+        self,
+        fd: int,
+        wake: int,
+        family: int,
+        addr: bytes,
+        port: int,
+        scope_id: int,
+        slot: int,
+        nslots: int,
+        mtu: int,
+        max_segments: int,
+        max_payload: int,
+        lost: tuple[int, ...],
+    ) -> None: ...
+    def read(
+        self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], offset: int
+    ) -> tuple[int, int]: ...
+    def read_gso(
+        self, bufs: Sequence[WriteableBuffer], sizes: MutableSequence[int], at: int
+    ) -> tuple[int, int]: ...
+    def write(
+        self, bufs: Sequence[ReadableBuffer], offset: int, gso: bool
+    ) -> tuple[int, int, int, int, int, int]: ...
+    def write_gso(
+        self, bufs: Sequence[ReadableBuffer], at: int, gso: bool
+    ) -> tuple[int, int, int, int, int, int]: ...
+    def counts(self) -> dict[str, int]: ...
+    def pending(self) -> int: ...

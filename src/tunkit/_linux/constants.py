@@ -91,6 +91,17 @@ IFLA_TUN_NUM_DISABLED_QUEUES: Final = 9  # u32
 UDP_SEGMENT: Final = 103  # setsockopt/cmsg: send one buffer as datagrams of this size (GSO)
 UDP_GRO: Final = 104  # setsockopt: coalesce received datagrams; cmsg: their size
 
+# <linux/in.h>, <linux/in6.h>: the path MTU of a connected socket (getsockopt).
+IP_MTU: Final = 14  # level IPPROTO_IP
+IPV6_MTU: Final = 24  # level IPPROTO_IPV6
+
+# <linux/sockios.h>: a descriptor of a socket's network namespace (CAP_NET_ADMIN).
+SIOCGSKNS: Final = 0x894C
+
+# <asm-generic/socket.h>: buffer sizes above net.core.[rw]mem_max (CAP_NET_ADMIN).
+SO_SNDBUFFORCE: Final = 32
+SO_RCVBUFFORCE: Final = 33
+
 # <linux/sched.h>
 CLONE_NEWNET: Final = 0x40000000
 

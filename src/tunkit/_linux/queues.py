@@ -46,6 +46,7 @@ from .device import NativeTun, TunStats
 from .ioctl import get_iff, set_queue
 from .passing import recv_tun, send_tun
 from .persist import attach_in
+from .process import die_with_parent
 
 __all__ = ["QueueReport", "QueueWorkers", "Worker", "cpu_seconds"]
 
@@ -131,6 +132,12 @@ class QueueWorkers:
     its queues after that. The parent must be allowed to attach queues (it
     has CAP_NET_ADMIN, or is the devices' owner). Not thread-safe: one
     thread drives it. A context manager: leaving it calls :meth:`close`.
+
+    Workers die with this process, even when it is killed outright: a
+    worker reads the end of its control socket as "stop", and the kernel
+    kills one that cannot read it, a worker stopped or stuck
+    (``PR_SET_PDEATHSIG``). The kernel does that when the *thread* that
+    started the worker ends, so add workers from a thread that outlives them.
     """
 
     def __init__(
@@ -250,7 +257,8 @@ class QueueWorkers:
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = os.environ.get("PYTHONPATH")
         env = {**os.environ, "PYTHONPATH": here if not path else f"{here}{os.pathsep}{path}"}
-        return subprocess.Popen(argv, pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(argv, pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent(os.getpid()))
 
     def kill(self, worker: Worker) -> None:
         """Kill *worker* (SIGKILL, by its pid) and reap it: its queues go with it.

@@ -18,49 +18,51 @@
 #define TCP_NEVER (TCP_FLAG_SYN | TCP_FLAG_RST | TCP_FLAG_URG)
 #define IP4_FRAGMENT (IP4_FLAG_MF | IP4_FRAG_OFFSET_MASK)
 
-enum { K_NONE = 0, K_KEY = 1, K_CAND = 2 };
+/* Room for a batch of up to cap packets: 0, or -1 (out of memory; free it
+ * all the same). PyMem_*: the GIL must be held. */
+int
+batch_alloc(batch_t *b, Py_ssize_t cap)
+{
+    size_t table = 16;
+    while (table < (size_t)cap * 2) {
+        table <<= 1;
+    }
+    b->cap = cap;
+    b->table_len = table;
+    b->pk = PyMem_Calloc((size_t)cap + 1, sizeof(pkt_t));
+    b->groups = PyMem_Calloc((size_t)cap + 1, sizeof(group_t));
+    b->flows = PyMem_Calloc((size_t)cap + 1, sizeof(flow_t));
+    b->entries = PyMem_Calloc((size_t)cap + 1, sizeof(int32_t));
+    b->table = PyMem_Malloc(table * sizeof(int32_t));
+    return b->pk && b->groups && b->flows && b->entries && b->table ? 0 : -1;
+}
 
-typedef struct {
-    uint8_t proto, is_v6;
-    uint8_t ports[L4_PORTS_LEN];
-    uint8_t addrs[IP6_ADDRS_LEN]; /* IPv4: the first IP4_ADDRS_LEN */
-} flowkey_t; /* only uint8_t members: no padding, memcmp is exact */
+/* Empty the batch for n <= cap packets (their p and n set next); no GIL
+ * needed. The flow table in use is sized for n, so that a batch much smaller
+ * than the room costs no more to reset than it needs. */
+void
+batch_reset(batch_t *b, Py_ssize_t n)
+{
+    size_t table = 16;
+    while (table < (size_t)n * 2 && table < b->table_len) {
+        table <<= 1;
+    }
+    b->n = n;
+    b->mask = table - 1;
+    b->n_groups = b->n_flows = b->n_entries = 0;
+    memset(b->table, 0xFF, table * sizeof(int32_t)); /* all -1 */
+}
 
-typedef struct {
-    const uint8_t *p;
-    Py_ssize_t n;
-    Py_ssize_t payload_len;
-    int32_t flow; /* index into flows */
-    int32_t next; /* next packet of its group, -1 */
-    uint32_t seq;
-    uint16_t iph_len, hdr_len, ip_id;
-    uint8_t kind, proto, is_v6, df, flags;
-} pkt_t;
-
-typedef struct {
-    Py_ssize_t total_len, gso_size;
-    int32_t head, last, count, max_segments;
-    uint32_t next_seq;
-    uint16_t first_id;
-    int8_t id_step; /* -1 unknown, 1 counting up, 0 fixed (DF) */
-    uint8_t last_flags, closed, validated;
-} group_t;
-
-typedef struct {
-    flowkey_t key;
-    int32_t open; /* the group being built for this flow, -1 */
-} flow_t;
-
-typedef struct {
-    pkt_t *pk;
-    group_t *groups;
-    flow_t *flows;
-    int32_t *table; /* open addressing: flow index or -1 */
-    int32_t *entries; /* >= 0: a group; < 0: ~index of a lone packet */
-    Py_ssize_t n, n_groups, n_flows, n_entries;
-    size_t mask;
-    int tcp, udp;
-} batch_t;
+void
+batch_free(batch_t *b)
+{
+    PyMem_Free(b->pk);
+    PyMem_Free(b->groups);
+    PyMem_Free(b->flows);
+    PyMem_Free(b->entries);
+    PyMem_Free(b->table);
+    memset(b, 0, sizeof *b);
+}
 
 /* coalesce.Coalescer._parse */
 static void
@@ -280,7 +282,7 @@ find_flow(batch_t *b, const flowkey_t *key)
 }
 
 /* The loop of Coalescer.coalesce, without the Python objects. */
-static void
+void
 plan_batch(batch_t *b)
 {
     for (Py_ssize_t i = 0; i < b->n; i++) {
@@ -351,7 +353,7 @@ plan_batch(batch_t *b)
 }
 
 /* coalesce._patch: the virtio header and the patched headers of a group. */
-static void
+void
 patch_group(const batch_t *b, const group_t *g, uint8_t *slot)
 {
     const pkt_t *head = &b->pk[g->head];
@@ -639,24 +641,13 @@ py_coalesce(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject 
         PyErr_SetString(PyExc_OverflowError, "coalesce: batch too large");
         return NULL;
     }
-    size_t cap = 16;
-    while (cap < (size_t)n * 2) {
-        cap <<= 1;
-    }
-    b.n = n;
-    b.mask = cap - 1;
     PyObject *result = NULL;
     PyObject **views = PyMem_Calloc((size_t)n + 1, sizeof(PyObject *));
-    b.pk = PyMem_Calloc((size_t)n + 1, sizeof(pkt_t));
-    b.groups = PyMem_Calloc((size_t)n + 1, sizeof(group_t));
-    b.flows = PyMem_Calloc((size_t)n + 1, sizeof(flow_t));
-    b.entries = PyMem_Calloc((size_t)n + 1, sizeof(int32_t));
-    b.table = PyMem_Malloc(cap * sizeof(int32_t));
-    if (!views || !b.pk || !b.groups || !b.flows || !b.entries || !b.table) {
+    if (!views || batch_alloc(&b, n) < 0) {
         PyErr_NoMemory();
         goto done;
     }
-    memset(b.table, 0xFF, cap * sizeof(int32_t)); /* all -1 */
+    batch_reset(&b, n);
     Py_ssize_t total = 0;
     PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -687,11 +678,7 @@ done:
         }
     }
     PyMem_Free(views);
-    PyMem_Free(b.pk);
-    PyMem_Free(b.groups);
-    PyMem_Free(b.flows);
-    PyMem_Free(b.entries);
-    PyMem_Free(b.table);
+    batch_free(&b);
     Py_DECREF(seq);
     Py_DECREF(offset_slice);
     return result;

@@ -163,6 +163,14 @@ mod_exec(PyObject *m)
         Py_DECREF(&packet_io_type);
         return -1;
     }
+    if (PyType_Ready(&udp_io_type) < 0) {
+        return -1;
+    }
+    Py_INCREF(&udp_io_type);
+    if (PyModule_AddObject(m, "UdpIo", (PyObject *)&udp_io_type) < 0) {
+        Py_DECREF(&udp_io_type);
+        return -1;
+    }
     return 0;
 }
 

@@ -122,7 +122,7 @@ io_leave(packet_io_t *self)
 }
 
 /* Wait until fd has `events` or wake is readable: 0, or -errno (-EBADF: woken). */
-static Py_ssize_t
+Py_ssize_t
 wait_fd(int fd, int wake, short events)
 {
     struct pollfd p[2] = {{fd, events, 0}, {wake, POLLIN, 0}};
@@ -342,7 +342,7 @@ pio_write(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
 /* vnet.py's gso_segments: (segments, header length) of one kernel packet
  * (virtio-net header + IP packet), segments 0 when it is malformed. The same
  * checks in the same order; read it for the why. */
-static Py_ssize_t
+Py_ssize_t
 gso_check(const uint8_t *data, Py_ssize_t len, Py_ssize_t *hdr_len_out)
 {
     *hdr_len_out = 0;
@@ -445,7 +445,7 @@ py_gso_segments(PyObject *Py_UNUSED(module), PyObject *arg)
 }
 
 /* The buffers of a batch, taken with the GIL: released by release_bufs. */
-static Py_buffer *
+Py_buffer *
 take_bufs(PyObject *seq, Py_ssize_t *count, int flags)
 {
     /* A tuple of its own (see coalesce): the items stay while buffers are taken. */
@@ -478,7 +478,7 @@ take_bufs(PyObject *seq, Py_ssize_t *count, int flags)
     return views;
 }
 
-static void
+void
 release_bufs(Py_buffer *views, Py_ssize_t count)
 {
     for (Py_ssize_t i = 0; i < count; i++) {

@@ -153,19 +153,9 @@ done:
     return result;
 }
 
-typedef struct {
-    const uint8_t *ip;
-    int is_v4, is_tcp;
-    Py_ssize_t iph_len, hdr_len, csum_at, gso_size, count, last_len;
-    uint32_t addr_sum, ip_base_sum, first_seq;
-    uint16_t first_id;
-    uint8_t flags, middle_flags;
-    uint8_t template[IP6_HDR_LEN + TCP_MAX_HDR_LEN];
-} plan_t;
-
 /* The segments, GIL released or not: no Python object is touched. */
-static void
-write_segments(const plan_t *pl, uint8_t *const *outs, Py_ssize_t *lens)
+void
+split_write(const split_plan_t *pl, uint8_t *const *outs, Py_ssize_t *lens)
 {
     Py_ssize_t hdr_len = pl->hdr_len, iph_len = pl->iph_len;
     const uint8_t *data = pl->ip + hdr_len;
@@ -211,12 +201,67 @@ write_segments(const plan_t *pl, uint8_t *const *outs, Py_ssize_t *lens)
     }
 }
 
+/* The template of a plan whose lengths are set: the headers of every
+ * segment, with the varying fields zero, and the sums they start from. */
+static void
+plan_template(split_plan_t *pl, int proto)
+{
+    const uint8_t *ip = pl->ip;
+    memcpy(pl->template, ip, (size_t)pl->hdr_len);
+    put16(pl->template + pl->csum_at, 0);
+    pl->addr_sum = pl->is_v4 ? be_sum(ip + IP4_SRC, IP4_ADDRS_LEN)
+                             : be_sum(ip + IP6_SRC, IP6_ADDRS_LEN);
+    pl->addr_sum += (uint32_t)proto;
+    pl->first_id = 0;
+    pl->ip_base_sum = 0;
+    pl->first_seq = 0;
+    pl->flags = pl->middle_flags = 0;
+    if (pl->is_v4) {
+        pl->first_id = get16(pl->template + IP4_ID);
+        put16(pl->template + IP4_TOTAL_LEN, 0);
+        put16(pl->template + IP4_ID, 0);
+        put16(pl->template + IP4_CHECKSUM, 0);
+        pl->ip_base_sum = ones_sum_raw(pl->template, (size_t)pl->iph_len, 0);
+    }
+    if (pl->is_tcp) {
+        pl->first_seq = get32(pl->template + pl->iph_len + TCP_SEQ);
+        pl->flags = pl->template[pl->iph_len + TCP_FLAGS];
+        pl->middle_flags = pl->flags & (uint8_t) ~(TCP_LAST_ONLY | TCP_FIRST_ONLY);
+    }
+}
+
+/* The plan of a super-packet (virtio header, then the packet) that
+ * gso_check passed with hdr_len > 0: its claims are checked, so nothing
+ * can fail here. For the units that split without Python objects (mmsg.c). */
+void
+split_plan_checked(split_plan_t *pl, const uint8_t *data, Py_ssize_t len, Py_ssize_t hdr_len)
+{
+    const uint8_t *ip = data + VNET_HDR_LEN;
+    Py_ssize_t ip_len = len - VNET_HDR_LEN;
+    int version = ip[IP4_VER_IHL] >> 4;
+    int proto = version == 4 ? ip[IP4_PROTOCOL] : ip[IP6_NEXT_HEADER];
+    pl->ip = ip;
+    pl->is_v4 = version == 4;
+    pl->is_tcp = proto == IPPROTO_TCP;
+    pl->iph_len = pl->is_v4 ? (ip[IP4_VER_IHL] & 0x0F) * 4 : IP6_HDR_LEN;
+    pl->csum_at = pl->iph_len + (pl->is_tcp ? TCP_CHECKSUM : UDP_CHECKSUM);
+    pl->hdr_len = hdr_len;
+    pl->gso_size = host16(data + VNET_GSO_SIZE);
+    Py_ssize_t payload_len = ip_len - hdr_len;
+    pl->count = (payload_len + pl->gso_size - 1) / pl->gso_size;
+    if (pl->count < 1) {
+        pl->count = 1;
+    }
+    pl->last_len = hdr_len + payload_len - (pl->count - 1) * pl->gso_size;
+    plan_template(pl, proto);
+}
+
 /* split._split_gso: a TCP (TSO) or UDP (USO) super-packet into segments. */
 static PyObject *
 split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *ip,
           Py_ssize_t ip_len, PyObject *out_bufs, PyObject *sizes, Py_ssize_t offset)
 {
-    plan_t pl;
+    split_plan_t pl;
     pl.ip = ip;
     pl.is_tcp = proto == IPPROTO_TCP;
     if (ip_len < IP4_MIN_HDR_LEN) {
@@ -225,7 +270,6 @@ split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *
         return NULL;
     }
     int version = ip[IP4_VER_IHL] >> 4;
-    Py_ssize_t addrs_at, addrs_len;
     if (version == 4) {
         if (gso_type == VIRTIO_NET_HDR_GSO_TCPV6) {
             PyErr_Format(st->malformed, "gso_type 0x%x (TCPv6) on an IPv4 packet",
@@ -243,8 +287,6 @@ split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *
                          (int)ip[IP4_PROTOCOL], proto);
             return NULL;
         }
-        addrs_at = IP4_SRC;
-        addrs_len = IP4_ADDRS_LEN;
         pl.is_v4 = 1;
     }
     else if (version == 6) {
@@ -264,8 +306,6 @@ split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *
             return NULL;
         }
         pl.iph_len = IP6_HDR_LEN;
-        addrs_at = IP6_SRC;
-        addrs_len = IP6_ADDRS_LEN;
         pl.is_v4 = 0;
     }
     else {
@@ -369,33 +409,14 @@ split_gso(state_t *st, const vnet_t *h, int gso_type, int proto, const uint8_t *
         goto done;
     }
 
-    /* The template: headers of every segment, with the varying fields zero. */
-    memcpy(pl.template, ip, (size_t)pl.hdr_len);
-    put16(pl.template + pl.csum_at, 0);
-    pl.addr_sum = be_sum(ip + addrs_at, (size_t)addrs_len) + (uint32_t)proto;
-    pl.first_id = 0;
-    pl.ip_base_sum = 0;
-    pl.first_seq = 0;
-    pl.flags = pl.middle_flags = 0;
-    if (pl.is_v4) {
-        pl.first_id = get16(pl.template + IP4_ID);
-        put16(pl.template + IP4_TOTAL_LEN, 0);
-        put16(pl.template + IP4_ID, 0);
-        put16(pl.template + IP4_CHECKSUM, 0);
-        pl.ip_base_sum = ones_sum_raw(pl.template, (size_t)pl.iph_len, 0);
-    }
-    if (pl.is_tcp) {
-        pl.first_seq = get32(pl.template + pl.iph_len + TCP_SEQ);
-        pl.flags = pl.template[pl.iph_len + TCP_FLAGS];
-        pl.middle_flags = pl.flags & (uint8_t) ~(TCP_LAST_ONLY | TCP_FIRST_ONLY);
-    }
+    plan_template(&pl, proto);
     if (ip_len >= GIL_RELEASE_BYTES) {
         Py_BEGIN_ALLOW_THREADS
-        write_segments(&pl, outs, lens);
+        split_write(&pl, outs, lens);
         Py_END_ALLOW_THREADS
     }
     else {
-        write_segments(&pl, outs, lens);
+        split_write(&pl, outs, lens);
     }
     if (store_sizes(sizes, lens, pl.count) < 0) {
         goto done;

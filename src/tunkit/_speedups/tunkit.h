@@ -12,6 +12,7 @@
  *   coalesce.c   coalesce                    tunkit/_offload/coalesce.py
  *   packet_io.c  PacketIo, gso_segments      tunkit/_linux/ (fd.py, device.py,
  *                                            gso_device.py); _offload/vnet.py
+ *   mmsg.c       UdpIo                       tunkit/transport/udp.py (UdpTun)
  *   module.c     the module, bind()          tunkit/_offload/_impl.py binds it
  *
  * One behaviour, two implementations: every kernel does exactly what its
@@ -255,11 +256,80 @@ PyObject *py_update16(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
 
 /* split.c */
 extern const char split_doc[];
+/* The plan of one super-packet's split: split_write makes the segments from it. */
+typedef struct {
+    const uint8_t *ip;
+    int is_v4, is_tcp;
+    Py_ssize_t iph_len, hdr_len, csum_at, gso_size, count, last_len;
+    uint32_t addr_sum, ip_base_sum, first_seq;
+    uint16_t first_id;
+    uint8_t flags, middle_flags;
+    uint8_t template[IP6_HDR_LEN + TCP_MAX_HDR_LEN];
+} split_plan_t;
+void split_plan_checked(split_plan_t *pl, const uint8_t *data, Py_ssize_t len,
+                        Py_ssize_t hdr_len);
+void split_write(const split_plan_t *pl, uint8_t *const *outs, Py_ssize_t *lens);
 PyObject *py_split(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                    PyObject *kwnames);
 
 /* coalesce.c */
 extern const char coalesce_doc[];
+/* The plan of a batch, for the units that coalesce without Python objects
+ * (mmsg.c): batch_alloc once, then per batch batch_reset, set pk[i].p and
+ * pk[i].n, plan_batch; entries[0..n_entries) are the writes in order, each
+ * a group (>= 0; its packets linked by pk[].next from head, a super-packet
+ * when count > 1: patch_group writes its virtio header and headers) or a
+ * lone packet (~index). */
+enum { K_NONE = 0, K_KEY = 1, K_CAND = 2 };
+
+typedef struct {
+    uint8_t proto, is_v6;
+    uint8_t ports[L4_PORTS_LEN];
+    uint8_t addrs[IP6_ADDRS_LEN]; /* IPv4: the first IP4_ADDRS_LEN */
+} flowkey_t; /* only uint8_t members: no padding, memcmp is exact */
+
+typedef struct {
+    const uint8_t *p;
+    Py_ssize_t n;
+    Py_ssize_t payload_len;
+    int32_t flow; /* index into flows */
+    int32_t next; /* next packet of its group, -1 */
+    uint32_t seq;
+    uint16_t iph_len, hdr_len, ip_id;
+    uint8_t kind, proto, is_v6, df, flags;
+} pkt_t;
+
+typedef struct {
+    Py_ssize_t total_len, gso_size;
+    int32_t head, last, count, max_segments;
+    uint32_t next_seq;
+    uint16_t first_id;
+    int8_t id_step; /* -1 unknown, 1 counting up, 0 fixed (DF) */
+    uint8_t last_flags, closed, validated;
+} group_t;
+
+typedef struct {
+    flowkey_t key;
+    int32_t open; /* the group being built for this flow, -1 */
+} flow_t;
+
+typedef struct {
+    pkt_t *pk;
+    group_t *groups;
+    flow_t *flows;
+    int32_t *table; /* open addressing: flow index or -1 */
+    int32_t *entries; /* >= 0: a group; < 0: ~index of a lone packet */
+    Py_ssize_t n, n_groups, n_flows, n_entries;
+    Py_ssize_t cap;   /* room for this many packets (batch_alloc) */
+    size_t table_len; /* entries of table allocated */
+    size_t mask;      /* of the part of table in use (batch_reset) */
+    int tcp, udp;
+} batch_t;
+int batch_alloc(batch_t *b, Py_ssize_t cap);
+void batch_reset(batch_t *b, Py_ssize_t n);
+void batch_free(batch_t *b);
+void plan_batch(batch_t *b);
+void patch_group(const batch_t *b, const group_t *g, uint8_t *slot);
 PyObject *py_coalesce(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                       PyObject *kwnames);
 
@@ -267,6 +337,18 @@ PyObject *py_coalesce(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
 extern PyTypeObject packet_io_type;
 extern const char gso_segments_doc[];
 PyObject *py_gso_segments(PyObject *module, PyObject *arg);
+/* Wait without the GIL until fd has poll() `events` or wake is readable: 0,
+ * or -errno (-EBADF: wake is readable, close() has begun). */
+Py_ssize_t wait_fd(int fd, int wake, short events);
+/* vnet.py's gso_segments on bytes: segments (0: malformed) and *hdr_len_out. */
+Py_ssize_t gso_check(const uint8_t *data, Py_ssize_t len, Py_ssize_t *hdr_len_out);
+/* The buffers of a sequence, taken with the GIL (PyObject_GetBuffer *flags*):
+ * NULL with an exception, else *count* views for release_bufs. */
+Py_buffer *take_bufs(PyObject *seq, Py_ssize_t *count, int flags);
+void release_bufs(Py_buffer *views, Py_ssize_t count);
+
+/* mmsg.c */
+extern PyTypeObject udp_io_type;
 
 #pragma GCC visibility pop
 

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .._offload import speedups_enabled
 from . import children
-from .pair_load import OFFLOAD_SETUPS, SETUPS, VIAS, BenchResult, ratios, run_pair_load
+from .pair_load import OFFLOAD_SETUPS, VIAS, BenchResult, all_setups, ratios, run_pair_load
 from .preflight import HelpFormatter, UsageError, positive, positive_float
 
 __all__ = ["BENCH_HELP", "add_parser", "run"]
@@ -33,15 +33,30 @@ beside two baselines measured in the same run:
   naive             a bare read/write loop per packet, no offload, run as a
                     program of its own: the floor
 
-Prints Gbit/s, the ratios to naive and veth, retransmits, and the offload
-counters of the setups with offload. Needs root, /dev/net/tun, ip (iproute2)
-and iperf3. Namespaces carry this process's id and are removed.
+and with --queues N also, each after its twin:
+
+  tunkit-mq         tunkit on multi-queue devices, joined by N worker
+                    processes, each owning one queue of each device (copy)
+  tunkit-split-mq   the same with passthrough off: where more cores pay
+
+Prints Gbit/s, the ratios to naive and veth, retransmits, the CPU that each
+process moving the packets used (% of one core: this process, the naive
+program, or each worker), and the offload counters of the setups with
+offload. Needs root, /dev/net/tun, ip (iproute2) and iperf3. Namespaces
+carry this process's id and are removed.
 
 examples:
   sudo tunkit bench
   sudo tunkit bench --seconds 5 --streams 4 --via p2p
+  sudo tunkit bench --streams 4 --queues 2
   sudo tunkit bench --no-offload --json out.json --plot out.png
 """
+
+
+# Below the figures, in words that wrap at any width.
+_CPU_NOTE = ("% core: CPU time of each process moving the packets while iperf3 ran, as a share "
+             "of one core (this one, the naive program, or each worker); {cores} core(s) here, "
+             "shared with iperf3.")
 
 
 def add_parser(sub: Any) -> None:
@@ -58,6 +73,8 @@ def add_parser(sub: Any) -> None:
                        help="parallel TCP streams")
     bench.add_argument("--via", choices=VIAS, default="copy", help="how tunkit joins the devices")
     bench.add_argument("--no-offload", action="store_true", help="skip the offload setups")
+    bench.add_argument("--queues", type=positive, metavar="N",
+                       help="also run tunkit-mq and tunkit-split-mq with N worker processes")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
 
@@ -108,7 +125,8 @@ def _measure(args: argparse.Namespace, setups: tuple[str, ...],
 
     def work() -> None:
         try:
-            results.extend(run_pair_load(args.seconds, args.streams, args.via, setups, on_start))
+            results.extend(run_pair_load(args.seconds, args.streams, args.via, setups, on_start,
+                                         queues=args.queues or 1))
         except BaseException as exc:
             failure.append(exc)
         finally:
@@ -148,7 +166,7 @@ def _tables(results: list[BenchResult], by_ratio: dict[str, dict[str, float]],
     """
     figures = Table(title=f"pair-load: {args.streams} TCP stream(s), {args.seconds:g} s each, "
                           f"via {args.via}")
-    for col in ("setup", "Gbit/s", "x naive", "x veth", "retransmits"):
+    for col in ("setup", "Gbit/s", "x naive", "x veth", "retrans", "% core"):
         figures.add_column(col, justify="left" if col == "setup" else "right")
     for r in results:
         rr = by_ratio.get(r.name, {})
@@ -157,6 +175,8 @@ def _tables(results: list[BenchResult], by_ratio: dict[str, dict[str, float]],
             f"{rr['naive']:.2f}" if "naive" in rr else "-",
             f"{rr['veth']:.2f}" if "veth" in rr else "-",
             "-" if r.error else f"{r.retransmits:,}",
+            # one figure per process, space apart: many workers wrap, never cut
+            " ".join(f"{p.share:.0%}".removesuffix("%") for p in r.cpu) or "-",
         )
     offload = Table(title="offload counters, both devices")
     for col in ("setup", "gso whole", "gso split", "gro coalesced"):
@@ -179,11 +199,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             folder = os.path.dirname(path)
             raise UsageError(f"{option} {path}: the folder {folder!r} does not exist")
-    setups = tuple(s for s in SETUPS if not (args.no_offload and s in OFFLOAD_SETUPS))
+    if args.queues and args.no_offload:
+        raise UsageError("--queues runs tunkit-mq and tunkit-split-mq, which have offload: "
+                         "drop --no-offload")
+    setups = all_setups(args.queues, offload=not args.no_offload)
     results = _measure(args, setups, console)
     by_ratio = ratios(results)
     for table in _tables(results, by_ratio, args):
         console.print(table)
+    console.print(_CPU_NOTE.format(cores=os.cpu_count() or 1), highlight=False)
     for r in results:  # below the tables, where a long message can wrap
         if r.error:
             console.print(f"[red]{r.name} failed:[/red] {escape(r.error)}")

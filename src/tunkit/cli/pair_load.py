@@ -10,10 +10,16 @@ Each setup gets two fresh network namespaces, A and B, joined by one of:
 - ``veth``: a veth pair, the kernel alone (the ceiling);
 - ``naive``: TUN devices without offload joined by the loop anyone would write
   first, run as its own program (as a person would run it): one blocking read
-  and one write per packet, a thread each way.
+  and one write per packet, a thread each way;
+- ``tunkit-mq``, ``tunkit-split-mq`` (asked for with *queues*): ``tunkit`` and
+  ``tunkit-split`` on multi-queue devices, joined by *queues* worker processes
+  (:class:`tunkit.workers.QueueWorkers`), each owning one queue of each
+  device and joining them with :func:`tunkit.copy`: one core each.
 
 iperf3 runs in the namespaces (server in B, client in A) for the given seconds
-and streams; the result is the receiver's Gbit/s and the sender's retransmits.
+and streams; the result is the receiver's Gbit/s and the sender's retransmits,
+and the CPU time each process that moves the packets used meanwhile: this
+process for the tunkit setups joined here, the naive program, each worker.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -33,14 +39,18 @@ from .._copy import copy
 from .._forwarder import Forwarder, Point2Point
 from .._linux.device import NativeTun, create_tun
 from .._linux.netns import create_netns, delete_netns, unique_netns_name
+from .._linux.queues import QueueReport, QueueWorkers, cpu_seconds
 from .._pool import Pool
 from . import children
 from .preflight import DEVICE_TOOLS, require
 
-__all__ = ["OFFLOAD_SETUPS", "SETUPS", "VIAS", "BenchResult", "ratios", "run_pair_load"]
+__all__ = ["MQ_SETUPS", "OFFLOAD_SETUPS", "SETUPS", "VIAS", "BenchResult", "ProcessCpu",
+           "all_setups", "ratios", "run_pair_load"]
 
 SETUPS: Final = ("tunkit", "tunkit-split", "tunkit-nooffload", "veth", "naive")
-OFFLOAD_SETUPS: Final = ("tunkit", "tunkit-split")  # the setups whose devices have offload
+MQ_SETUPS: Final = ("tunkit-mq", "tunkit-split-mq")  # with queues: worker processes
+# The setups whose devices have offload.
+OFFLOAD_SETUPS: Final = ("tunkit", "tunkit-split", *MQ_SETUPS)
 VIAS: Final = ("copy", "forwarder", "p2p")
 
 # Addresses exist only inside the namespaces made here.
@@ -52,8 +62,23 @@ _NS_PREFIX: Final = "tk"
 
 
 @dataclass
+class ProcessCpu:
+    """The CPU time one process used while iperf3 ran: *seconds*, and *share* of one core."""
+
+    process: str  # "benchmark" (this one), "naive", "worker 0", ...
+    pid: int
+    seconds: float
+    share: float
+
+
+@dataclass
 class BenchResult:
-    """One setup's figures."""
+    """One setup's figures.
+
+    *cpu* lists the processes that move the packets (none for ``veth``: the
+    kernel alone). *queue_packets* is what each worker moved, both ways (the
+    ``-mq`` setups).
+    """
 
     name: str
     gbit_s: float
@@ -61,6 +86,9 @@ class BenchResult:
     seconds: float
     retransmits: int = 0
     via: str = ""
+    queues: int = 1
+    cpu: list[ProcessCpu] = field(default_factory=list)
+    queue_packets: list[int] = field(default_factory=list)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
 
@@ -113,8 +141,9 @@ def _pair(tag: str) -> Iterator[tuple[str, str]]:
                 delete_netns(name)
 
 
-def _tun(ns: str, addr: str, offload: bool) -> NativeTun:
-    tun = create_tun(f"tkb{os.getpid()}", 1500, offload=offload, netns=ns)
+def _tun(ns: str, addr: str, offload: bool, multi_queue: bool = False) -> NativeTun:
+    tun = create_tun(f"tkb{os.getpid()}", 1500, offload=offload, netns=ns,
+                     multi_queue=multi_queue)
     try:
         tun.add_address(f"{addr}/{_PREFIX_LEN}")
         tun.up()
@@ -124,7 +153,12 @@ def _tun(ns: str, addr: str, offload: bool) -> NativeTun:
     return tun
 
 
-def _iperf(ns_a: str, ns_b: str, seconds: float, streams: int) -> tuple[float, int]:
+def _iperf(result: BenchResult, ns_a: str, ns_b: str,
+           processes: Sequence[tuple[str, int]] = ()) -> None:
+    """Run iperf3 from A to B; set *result*'s figures and the CPU each of *processes* used.
+
+    *processes* are (label, pid) pairs: the programs that move the packets.
+    """
     server = children.start(
         ["ip", "netns", "exec", ns_b, "iperf3", "-s", "-1", "-p", str(_PORT)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -136,18 +170,23 @@ def _iperf(ns_a: str, ns_b: str, seconds: float, streams: int) -> tuple[float, i
             if probe.stdout.strip():
                 break
             time.sleep(0.1)
+        before = [cpu_seconds(pid) for _, pid in processes]
+        started = time.monotonic()
         client = children.run(
             ["ip", "netns", "exec", ns_a, "iperf3", "-c", _B_ADDR, "-p", str(_PORT),
-             "-t", f"{seconds:g}", "-P", str(streams), "--json"],
-            timeout=seconds + 60,
+             "-t", f"{result.seconds:g}", "-P", str(result.streams), "--json"],
+            timeout=result.seconds + 60,
         )
+        wall = time.monotonic() - started
+        for (label, pid), was in zip(processes, before, strict=True):
+            used = cpu_seconds(pid) - was
+            result.cpu.append(ProcessCpu(label, pid, round(used, 3), round(used / wall, 3)))
         report = json.loads(client.stdout)
         if "error" in report:
             raise RuntimeError(f"iperf3: {report['error']}")
         end = report["end"]
-        return end["sum_received"]["bits_per_second"] / 1e9, int(
-            end["sum_sent"].get("retransmits", 0)
-        )
+        result.gbit_s = end["sum_received"]["bits_per_second"] / 1e9
+        result.retransmits = int(end["sum_sent"].get("retransmits", 0))
     finally:
         children.end(server)
 
@@ -193,14 +232,40 @@ def _run_naive(result: BenchResult, ns_a: str, ns_b: str, a: NativeTun, b: Nativ
         if loop.stdout.readline().strip() != "ready":
             lines = loop.stderr.read().strip().splitlines()
             raise RuntimeError(f"the naive loop did not start: {lines[-1] if lines else '?'}")
-        result.gbit_s, result.retransmits = _iperf(ns_a, ns_b, result.seconds, result.streams)
+        _iperf(result, ns_a, ns_b, [("naive", loop.pid)])
     finally:
         children.end(loop)
         for fd in fds:  # the loop made the descriptions blocking; the devices expect otherwise
             os.set_blocking(fd, False)
 
 
-def _run_setup(name: str, via: str, seconds: float, streams: int) -> BenchResult:
+def _sum_stats(reports: list[QueueReport]) -> dict[str, dict[str, int]]:
+    """The counters of every worker's queues, added up per device."""
+    out: dict[str, dict[str, int]] = {"a": {}, "b": {}}
+    for report in reports:
+        for side, stats in (("a", report.a), ("b", report.b)):
+            for key, value in asdict(stats).items():
+                out[side][key] = out[side].get(key, 0) + value
+    return out
+
+
+def _run_workers(result: BenchResult, ns_a: str, ns_b: str, a: NativeTun, b: NativeTun) -> None:
+    """Join *a* and *b* by ``result.queues`` worker processes, one queue of each per worker."""
+    with QueueWorkers(a, b, passthrough=result.name != "tunkit-split-mq") as workers:
+        workers.start(result.queues)
+        _iperf(result, ns_a, ns_b, [(f"worker {i}", w.pid) for i, w in enumerate(workers.workers)])
+        reports = workers.close()  # the last reports: every packet counted
+    if len(reports) != result.queues:
+        raise RuntimeError(f"{result.queues - len(reports)} of {result.queues} workers "
+                           "gave no last report")
+    result.stats = _sum_stats(reports)
+    result.queue_packets = [r.packets for r in reports]
+    errors = [f"worker {r.pid}: {r.error}" for r in reports if r.error]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+
+
+def _run_setup(name: str, via: str, seconds: float, streams: int, queues: int) -> BenchResult:
     result = BenchResult(name, 0.0, streams, seconds, via=via if name.startswith("tunkit") else "")
     with _pair(name) as (ns_a, ns_b):
         if name == "veth":
@@ -210,20 +275,37 @@ def _run_setup(name: str, via: str, seconds: float, streams: int) -> BenchResult
             for ns, dev, addr in ((ns_a, va, _A_ADDR), (ns_b, vb, _B_ADDR)):
                 _ip("-n", ns, "addr", "add", f"{addr}/{_PREFIX_LEN}", "dev", dev)
                 _ip("-n", ns, "link", "set", dev, "up")
-            result.gbit_s, result.retransmits = _iperf(ns_a, ns_b, seconds, streams)
+            _iperf(result, ns_a, ns_b)  # the kernel alone: no process of ours to measure
             return result
-        offload = name in ("tunkit", "tunkit-split")
-        with _tun(ns_a, _A_ADDR, offload) as a, _tun(ns_b, _B_ADDR, offload) as b:
+        offload = name in OFFLOAD_SETUPS
+        multi_queue = name in MQ_SETUPS
+        with (_tun(ns_a, _A_ADDR, offload, multi_queue) as a,
+              _tun(ns_b, _B_ADDR, offload, multi_queue) as b):
             if name == "naive":
                 _run_naive(result, ns_a, ns_b, a, b)
                 return result
+            if multi_queue:
+                result.via, result.queues = "copy", queues  # each worker runs copy()
+                _run_workers(result, ns_a, ns_b, a, b)
+                return result
             end = _join(via, a, b, passthrough=name != "tunkit-split")
             try:
-                result.gbit_s, result.retransmits = _iperf(ns_a, ns_b, seconds, streams)
+                _iperf(result, ns_a, ns_b, [("benchmark", os.getpid())])
             finally:
                 result.stats = {"a": asdict(a.stats()), "b": asdict(b.stats())}
                 end()
     return result
+
+
+def all_setups(queues: int | None = None, offload: bool = True) -> tuple[str, ...]:
+    """The setups one run measures: each ``-mq`` one (with *queues*) after its single twin."""
+    out: list[str] = []
+    for name in SETUPS:
+        if offload or name not in OFFLOAD_SETUPS:
+            out.append(name)
+        if queues and offload and f"{name}-mq" in MQ_SETUPS:
+            out.append(f"{name}-mq")
+    return tuple(out)
 
 
 def run_pair_load(
@@ -232,30 +314,36 @@ def run_pair_load(
     via: str = "copy",
     setups: tuple[str, ...] = SETUPS,
     on_start: Callable[[str], None] | None = None,
+    queues: int = 2,
 ) -> list[BenchResult]:
     """Run each of *setups* for *seconds* with *streams* TCP streams; return the figures.
 
-    A setup that fails is reported with its error and 0 Gbit/s; the others go on.
+    The ``-mq`` setups (:data:`MQ_SETUPS`) run *queues* worker processes. A
+    setup that fails is reported with its error and 0 Gbit/s; the others go on.
 
     Raises:
         UsageError: no root, no /dev/net/tun, ``ip`` or ``iperf3``.
-        ValueError: an unknown setup or *via*.
+        ValueError: an unknown setup or *via*, or *queues* below 1.
     """
     require("the benchmark", (*DEVICE_TOOLS, ("iperf3", "iperf3")))
-    unknown = [s for s in setups if s not in SETUPS]
+    known = (*SETUPS, *MQ_SETUPS)
+    unknown = [s for s in setups if s not in known]
     if unknown:
-        raise ValueError(f"unknown setup {unknown[0]!r}; choose from {', '.join(SETUPS)}")
+        raise ValueError(f"unknown setup {unknown[0]!r}; choose from {', '.join(known)}")
     if via not in VIAS:
         raise ValueError(f"unknown via {via!r}; choose from {', '.join(VIAS)}")
+    if queues < 1:
+        raise ValueError(f"queues {queues} must be at least 1")
     children.remove_leftovers(_NS_PREFIX)
     results = []
     for name in setups:
         if on_start is not None:
             on_start(name)
         try:
-            results.append(_run_setup(name, via, seconds, streams))
+            results.append(_run_setup(name, via, seconds, streams, queues))
         except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as exc:
-            results.append(BenchResult(name, 0.0, streams, seconds, error=f"{exc}"))
+            results.append(BenchResult(name, 0.0, streams, seconds, error=f"{exc}",
+                                       queues=queues if name in MQ_SETUPS else 1))
     return results
 
 
