@@ -146,13 +146,6 @@ def test_close_from_many_threads_at_once(netns_factory: MakeNs) -> None:
     assert tun.events().get(timeout=1) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG for branch core (src/tunkit/_linux/device.py NativeTun.close; the same early "
-    "return is in fd.py _Descriptor.close and netlink.py LinkMonitor.close): a close() that "
-    "finds another close() under way returns at once, while the event thread and its "
-    "descriptors are still there",
-)
 @pytest.mark.timeout(30)
 def test_a_close_that_meets_another_returns_when_that_one_is_done(netns_factory: MakeNs) -> None:
     """SPEC: no thread or descriptor remains once close() has returned, from any thread."""
@@ -315,3 +308,29 @@ def test_a_signal_handler_may_close_the_device_its_own_thread_uses(
         assert gone.returncode != 0, gone.stdout
     finally:
         h.close()
+
+
+@pytest.mark.timeout(10)
+def test_close_once_waits_for_another_thread_and_never_for_itself() -> None:
+    """CloseOnce: a second close on another thread waits for the first; on the closing
+    thread itself (a signal handler inside close()) it returns at once."""
+    from tunkit._linux.fd import CloseOnce
+
+    once = CloseOnce()
+    assert once.begin() and once.begun
+    assert not once.begin()  # the closing thread: no wait for itself
+    returned = threading.Event()
+
+    def second() -> None:
+        assert not once.begin()
+        returned.set()
+
+    other = threading.Thread(target=second, name="test-close-2")
+    other.start()
+    wait_until(
+        lambda: returned.is_set() or asleep_in(other, CloseOnce.begin), "the second close waits"
+    )
+    assert not returned.is_set(), "the second close returned before the first was done"
+    once.end()
+    other.join(5)
+    assert returned.is_set()

@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import ipaddress
 import os
-import threading
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -18,7 +17,7 @@ from .._offload.vnet import VNET_HDR_LEN
 from .._tun import check_offset
 from . import netlink
 from .constants import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_PERSIST, IFF_TUN, IFF_VNET_HDR, IFNAMSIZ
-from .fd import PACKET_IO, _Descriptor
+from .fd import PACKET_IO, CloseOnce, _Descriptor
 from .ioctl import (
     enable_vnet,
     get_iff,
@@ -165,9 +164,8 @@ class NativeTun:
         self._seen_mtu = state.mtu  # event thread only
         self._seen_up = state.up  # event thread only
         self._events = Events(Event.UP if state.up else None)
-        # Re-entrant: a signal handler may close() on a thread that is in close().
-        self._state_lock = threading.RLock()
-        self._closed = False  # guarded by _state_lock
+        self._once = CloseOnce()
+        self._closed = False  # set once by close()
         # Read side, guarded by the read lock.
         self._overflow = bytearray(_MAX_KERNEL_PACKET)  # catches too-big packets
         self._wait_first = 0  # reads left that poll() before trying (see read())
@@ -476,14 +474,15 @@ class NativeTun:
         A signal handler may close the device that its own thread is reading
         or writing (every path: C and Python, ``read``, ``write``,
         ``read_gso``, ``write_gso``): the call raises :class:`ClosedError`
-        once the handler returns. The device is gone when close() returns;
+        once the handler returns. A close() that meets one under way on
+        another thread returns when that one is done. The device is gone
+        when close() returns;
         if the call was waiting in ``poll()``, its two descriptor numbers
         are released by that call as it raises (see ``_Descriptor``).
         """
-        with self._state_lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._once.begin():
+            return  # closed, or closed by another thread meanwhile
+        self._closed = True
         try:
             self._fd.close()
         finally:
@@ -494,6 +493,7 @@ class NativeTun:
                 if self._ns_fd is not None:
                     os.close(self._ns_fd)
                     self._ns_fd = None
+                self._once.end()
 
     @property
     def closed(self) -> bool:

@@ -7,7 +7,7 @@ import os
 import select
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar, final
 
 from .._errors import ClosedError
 from .._offload._impl import NATIVE_MODULE
@@ -15,7 +15,7 @@ from .._offload._impl import NATIVE_MODULE
 if TYPE_CHECKING:
     from .._speedups import PacketIo
 
-__all__ = ["PACKET_IO", "PacketIoType", "_Descriptor"]
+__all__ = ["PACKET_IO", "CloseOnce", "PacketIoType", "_Descriptor"]
 
 
 class PacketIoType(Protocol):
@@ -33,6 +33,50 @@ PACKET_IO: Final[PacketIoType | None] = _packet_io if hasattr(_packet_io, "read_
 _A = TypeVar("_A")  # what call_locked passes on to its system call
 _READ: Final = 0  # index of a direction in _Descriptor._waiting
 _WRITE: Final = 1
+
+
+@final
+class CloseOnce:
+    """The bookkeeping of an idempotent close(): who closes, and when it is done.
+
+    The first :meth:`begin` closes; a later one waits until that close is
+    done (:meth:`end`), so that no close() returns while another thread's is
+    still releasing things (SPEC: nothing remains once close() returned). A
+    later one on the closing thread itself (a signal handler that runs
+    inside close()) returns at once: it cannot wait for itself.
+    """
+
+    __slots__ = ("_closer", "_done", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # re-entrant: see above
+        self._done = threading.Event()
+        self._closer: int | None = None  # the closing thread, guarded by _lock
+
+    def begin(self) -> bool:
+        """Whether the caller is the one to close (then it calls :meth:`end` when done).
+
+        False: it was closed, or is being closed by another thread, whose
+        close has ended by the time this returns.
+        """
+        me = threading.get_ident()
+        with self._lock:
+            closer = self._closer
+            if closer is None:
+                self._closer = me
+                return True
+        if closer != me:
+            self._done.wait()
+        return False
+
+    def end(self) -> None:
+        """The close that :meth:`begin` let through is done."""
+        self._done.set()
+
+    @property
+    def begun(self) -> bool:
+        """Whether a close has begun."""
+        return self._closer is not None
 
 
 class _Descriptor:
@@ -78,9 +122,9 @@ class _Descriptor:
         "_closing",
         "_label",
         "_late",
+        "_once",
         "_read_lock",
         "_read_poll",
-        "_state_lock",
         "_waiting",
         "_write_lock",
         "_write_poll",
@@ -106,8 +150,8 @@ class _Descriptor:
         # that may hold one of them (see the class docstring).
         self._read_lock = threading.RLock()
         self._write_lock = threading.RLock()
-        self._state_lock = threading.RLock()
-        self._closing = False  # guarded by _state_lock; read without it as a hint
+        self._once = CloseOnce()
+        self._closing = False  # set once by close(); read without a lock as a hint
         # One poll object per direction, guarded by that direction's lock, and
         # whether its holder waits in it now (set before the _closing check).
         self._read_poll = select.poll()
@@ -223,13 +267,19 @@ class _Descriptor:
         """Close the descriptor, waking blocked callers first; idempotent, any thread.
 
         Returns once the device's descriptor is closed, which waits for the
-        system calls in progress on other threads (if any) to return. From a
-        signal handler, see the class docstring.
+        system calls in progress on other threads (if any) to return, and for
+        a close() that another thread began. From a signal handler, see the
+        class docstring.
         """
-        with self._state_lock:
-            if self._closing:
-                return
-            self._closing = True
+        if not self._once.begin():
+            return
+        try:
+            self._close()
+        finally:
+            self._once.end()
+
+    def _close(self) -> None:
+        self._closing = True
         os.eventfd_write(self.wake_fd, 1)  # stays readable: every waiter returns
         if self.io is not None:
             self.io.drain()  # refuses new calls, waits for those in progress
