@@ -225,9 +225,11 @@ def test_native_demo_exits_1_and_says_what_a_forwarder_swallowed(
 ) -> None:
     """The "errors" column and the exit status come from the forwarders' counters."""
     import argparse
+    import functools
     import io
 
     from rich.console import Console
+    from rich.progress import Progress
 
     from tunkit import ForwarderStats, TunStats
     from tunkit.cli import demo, demo_native
@@ -241,6 +243,8 @@ def test_native_demo_exits_1_and_says_what_a_forwarder_swallowed(
         )
 
     monkeypatch.setattr(demo_native, "run_native_demo", measured)
+    # No live display: its refresh thread is not joined by rich (nor needed here).
+    monkeypatch.setattr(demo, "Progress", functools.partial(Progress, auto_refresh=False))
     out = io.StringIO()
     args = argparse.Namespace(seconds=1.0, no_offload=False)
     status = demo._native_demo(args, Console(file=out, width=120))
