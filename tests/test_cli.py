@@ -218,3 +218,44 @@ def test_top_level_help_names_every_command_in_80_columns() -> None:
     proc = run_tunkit("--help")
     assert proc.returncode == 0 and re.search(r"demo.*bench.*bridge", proc.stdout, re.S)
     assert_readable_at_80(proc.stdout)
+
+
+def test_native_demo_exits_1_and_says_what_a_forwarder_swallowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The "errors" column and the exit status come from the forwarders' counters."""
+    import argparse
+    import functools
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from tunkit import ForwarderStats, TunStats
+    from tunkit.cli import demo, demo_native
+
+    def measured(**_: object) -> demo_native.NativeDemoResult:
+        ping = demo_native.PingResult("IPv4", sent=5, received=5)
+        return demo_native.NativeDemoResult(
+            pings=[ping], tcp_bytes=1000, tcp_seconds=1.0,
+            a_stats=TunStats(packets_read=10), b_stats=TunStats(packets_read=4),
+            a2b=ForwarderStats(write_errors=2, dropped=3, last_error="OSError: [Errno 105] full"),
+        )
+
+    monkeypatch.setattr(demo_native, "run_native_demo", measured)
+    # No live display: its refresh thread is not joined by rich (nor needed here).
+    monkeypatch.setattr(demo, "Progress", functools.partial(Progress, auto_refresh=False))
+    out = io.StringIO()
+    args = argparse.Namespace(seconds=1.0, no_offload=False)
+    status = demo._native_demo(args, Console(file=out, width=120))
+    text = out.getvalue()
+    assert status == 1, text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│ " in line}
+    a2b = [c.strip() for c in rows["A → B"].split("│")[1:-1]]
+    b2a = [c.strip() for c in rows["B → A"].split("│")[1:-1]]
+    assert (a2b[-2], a2b[-1]) == ("3", "2")  # dropped, errors
+    assert (b2a[-2], b2a[-1]) == ("0", "0")
+    assert (
+        "error: forwarder A → B: read errors 0, write errors 2, packets dropped 3; "
+        "last: OSError: [Errno 105] full"
+    ) in text

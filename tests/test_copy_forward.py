@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 from test_pipe import ipv4_packet
 
 import tunkit
-from tunkit import CallbackTun, DebugPool, Forwarder, Point2Point, TooManySegmentsError, TunError
+from tunkit import (
+    CallbackTun,
+    DebugPool,
+    Forwarder,
+    ForwarderStats,
+    Point2Point,
+    TooManySegmentsError,
+    TunError,
+)
 
 
 class ScriptedTun(CallbackTun):
@@ -291,6 +299,8 @@ def test_forwarder_read_error_closes_that_tun_and_waits_for_a_new_one() -> None:
         writer, _ = in_thread(lambda: new_user.write([b"still forwarding"]))
         assert read_packets(dst_user, 1) == [b"still forwarding"]
         writer.join(5)
+    # stop() closed both Tuns: that ClosedError is not counted.
+    assert fwd.stats() == ForwarderStats(read_errors=1, last_error="RuntimeError: read failed")
     new_user.close()
     dst_user.close()
     src_user.close()
@@ -314,6 +324,9 @@ def test_forwarder_write_error_drops_the_batch_and_waits_for_a_new_write_tun() -
         writer, _ = in_thread(lambda: src_user.write([b"delivered"]))
         assert read_packets(good_user, 1) == [b"delivered"]
         writer.join(5)
+    assert fwd.stats() == ForwarderStats(
+        write_errors=1, dropped=1, last_error="RuntimeError: write failed"
+    )
     for t in (src_user, bad_user, good_user):
         t.close()
 
@@ -344,6 +357,9 @@ def test_forwarder_write_error_in_a_streak_drops_that_packet() -> None:
         assert read_packets(good_user, 1) == packets[3:]  # held for the new write Tun
         writer.join(5)
     assert pool.outstanding == 0
+    assert fwd.stats() == ForwarderStats(
+        write_errors=1, dropped=1, last_error="RuntimeError: write failed"
+    )
     for t in (src_user, bad_user, good_user):
         t.close()
 
@@ -366,8 +382,46 @@ def test_forwarder_read_error_in_a_streak_closes_that_tun() -> None:
         writer, _ = in_thread(lambda: write_packets(new_user, packets[2:]))
         assert read_packets(dst_user, 2) == packets[2:]
         writer.join(5)
+    assert fwd.stats() == ForwarderStats(read_errors=1, last_error="RuntimeError: read failed")
     for t in (src_user, dst_user, new_user):
         t.close()
+
+
+def test_forwarder_counts_retried_reads_and_the_batches_stop_drops() -> None:
+    """A retryable read is counted and retried; batches held for a write Tun that never
+    came are dropped by stop(), and counted."""
+    src_user, src_raw = tunkit.pipe()
+    src = ScriptedTun(src_raw)
+    src.read_errors = [TooManySegmentsError("need more buffers")]
+    packets = [ipv4_packet(i, 60) for i in range(3)]
+    fwd = Forwarder(DebugPool())
+    try:
+        fwd.set_read_tun(src)
+        write_packets(src_user, packets)  # the pipe returns once the reader took them
+        assert fwd.stats() == ForwarderStats(read_retries=1)
+    finally:
+        fwd.stop()
+    assert fwd.stats() == ForwarderStats(read_retries=1, dropped=3)
+    src_user.close()
+
+
+def test_point_to_point_stats_add_both_directions() -> None:
+    a_user, a_raw = tunkit.pipe()
+    b_raw, b_user = tunkit.pipe()
+    a, b = ScriptedTun(a_raw), ScriptedTun(b_raw)
+    a.read_errors = [RuntimeError("a read")]
+    b.read_errors = [RuntimeError("b read")]
+    with Point2Point() as p2p:
+        p2p.set_a(a)
+        p2p.set_b(b)
+        _wait_closed(a_raw)
+        _wait_closed(b_raw)
+    assert p2p.a2b.stats() == ForwarderStats(read_errors=1, last_error="RuntimeError: a read")
+    assert p2p.stats() == ForwarderStats(
+        read_errors=2, last_error="RuntimeError: a read; RuntimeError: b read"
+    )
+    a_user.close()
+    b_user.close()
 
 
 def test_point_to_point_both_ways_with_a_debug_pool() -> None:

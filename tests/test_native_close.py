@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -13,10 +14,12 @@ from collections.abc import Callable
 import pytest
 from blocking import asleep_in, signal_when_polling, wait_in_poll, wait_until
 from netns_util import (  # noqa: F401
+    _NEEDS_PACKET_IO,
     DEVICE_KINDS,
     NativeHarness,
     device_kind,
     netns_factory,
+    ns_run,
     root,
 )
 from reuse import occupy
@@ -143,13 +146,6 @@ def test_close_from_many_threads_at_once(netns_factory: MakeNs) -> None:
     assert tun.events().get(timeout=1) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG for branch core (src/tunkit/_linux/device.py NativeTun.close; the same early "
-    "return is in fd.py _Descriptor.close and netlink.py LinkMonitor.close): a close() that "
-    "finds another close() under way returns at once, while the event thread and its "
-    "descriptors are still there",
-)
 @pytest.mark.timeout(30)
 def test_a_close_that_meets_another_returns_when_that_one_is_done(netns_factory: MakeNs) -> None:
     """SPEC: no thread or descriptor remains once close() has returned, from any thread."""
@@ -215,21 +211,126 @@ def test_200_create_close_cycles_leave_nothing(netns_factory: MakeNs) -> None:
     assert set(threading.enumerate()) == threads_before
 
 
-@pytest.mark.timeout(30)
-def test_a_signal_handler_may_close_the_device_its_thread_reads(netns_factory: MakeNs) -> None:
-    """``signal.signal(SIGTERM, lambda *_: tun.close())`` around a blocked read (C path).
+# -- close() from a signal handler, on the thread inside the call -----------------------
 
-    The C read waits without holding the read lock, and runs signal handlers
-    outside its count of calls in progress, so close() from a handler on the
-    reading thread itself does not wait for that thread.
-    """
-    if tk_device.PACKET_IO is None:
-        pytest.skip("needs the C extension (the pure read holds its lock while it waits)")
+# (offload, io path, call): every read and write of both device kinds, on both paths.
+_SIGNAL_CASES = [
+    pytest.param(offload, path, call, id=f"{'vnet' if offload else 'plain'}-{path}-{call}",
+                 marks=_NEEDS_PACKET_IO if path == "c" else [])
+    for offload in (False, True)
+    for path in ("c", "pure")
+    for call in ("read", "write", *(("read_gso", "write_gso") if offload else ()))
+]
+
+
+def _closed_on_signal(
+    tun: NativeTun, call: Callable[[], object], blocks: bool
+) -> BaseException | None:
+    """Run *call* on this (the main) thread until it raises; SIGUSR1 comes once it sleeps
+    in poll() (*blocks*: a read with nothing to read) or 0.1 s in (a loop of writes, which
+    a TUN device never blocks), and its handler closes *tun*. Returns what the call
+    raised, or None if it returned."""
     assert threading.current_thread() is threading.main_thread()
-    tun = create_tun(netns=netns_factory("signal"), offload=False)
-    try:
-        with signal_when_polling(lambda *_: tun.close()), pytest.raises(ClosedError):
-            tun.read([bytearray(16 + 1500)], [0], 16)
-        assert tun.closed
-    finally:
+    tun_fds = (tun.fileno(), tun._fd.wake_fd)
+    closed_in_handler: list[bool] = []
+    taken: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
         tun.close()
+        closed_in_handler.append(tun.closed)
+        # As another thread may do at any moment: take free numbers, up to the
+        # device's two if they are free now. A wait retried on them would then
+        # wait on these pipes, never readable: a hang.
+        numbers = {tun_fds[0], tun_fds[1]}
+        while len(taken) < 256 and not numbers <= set(taken):
+            taken.extend(os.pipe())
+
+    try:
+        if blocks:
+            with signal_when_polling(handler):
+                return _raised(call)
+        old = signal.signal(signal.SIGUSR1, handler)
+        timer = threading.Timer(0.1, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
+        timer.start()
+        try:
+            return _raised(call)
+        finally:
+            timer.cancel()
+            timer.join()
+            signal.signal(signal.SIGUSR1, old)
+    finally:
+        for fd in taken:
+            os.close(fd)
+        assert closed_in_handler == [True], "the handler did not run, or close() did not finish"
+
+
+def _raised(call: Callable[[], object]) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:
+        return exc
+    return None
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("offload", "path", "call"), _SIGNAL_CASES)
+def test_a_signal_handler_may_close_the_device_its_own_thread_uses(
+    netns_factory: MakeNs, monkeypatch: pytest.MonkeyPatch, offload: bool, path: str, call: str
+) -> None:
+    """What README says: ``signal.signal(SIGUSR1, lambda *_: tun.close())`` while this
+    thread is blocked in a read (or in a loop of writes) of *tun*.
+
+    The call ends with ClosedError, nothing hangs, and right after it the
+    device's descriptor and its eventfd are closed and the device is gone.
+    """
+    if path == "pure":
+        monkeypatch.setattr(tk_device, "_packet_io", None)
+    h = NativeHarness(netns_factory("signal"), offload=offload)
+    tun = h.tun
+    fds = (tun.fileno(), tun._fd.wake_fd)
+    name = tun.name()
+    bufs = [bytearray(16 + 65535) for _ in range(tun.batch_size())]
+    sizes = [0] * len(bufs)
+    packet = bytes(16) + h.packet(1, 200)
+    whole = bytes(16) + h.packet(2, 200)  # all-zero virtio header: GSO_NONE
+    calls: dict[str, Callable[[], object]] = {
+        "read": lambda: tun.read(bufs, sizes, 16),
+        "read_gso": lambda: tun.read_gso(bufs, sizes, 16),  # type: ignore[attr-defined]
+        "write": lambda: [tun.write([packet] * tun.batch_size()) for _ in iter(int, 1)],
+        "write_gso": lambda: [tun.write_gso([whole] * 8) for _ in iter(int, 1)],  # type: ignore[attr-defined]
+    }
+    try:
+        raised = _closed_on_signal(tun, calls[call], blocks=call.startswith("read"))
+        assert isinstance(raised, ClosedError), repr(raised)
+        open_now = set(os.listdir("/proc/self/fd"))
+        assert not {str(fd) for fd in fds} & open_now, "a descriptor outlived the call"
+        gone = ns_run(h.ns, "ip", "link", "show", name, check=False)
+        assert gone.returncode != 0, gone.stdout
+    finally:
+        h.close()
+
+
+@pytest.mark.timeout(10)
+def test_close_once_waits_for_another_thread_and_never_for_itself() -> None:
+    """CloseOnce: a second close on another thread waits for the first; on the closing
+    thread itself (a signal handler inside close()) it returns at once."""
+    from tunkit._linux.fd import CloseOnce
+
+    once = CloseOnce()
+    assert once.begin() and once.begun
+    assert not once.begin()  # the closing thread: no wait for itself
+    returned = threading.Event()
+
+    def second() -> None:
+        assert not once.begin()
+        returned.set()
+
+    other = threading.Thread(target=second, name="test-close-2")
+    other.start()
+    wait_until(
+        lambda: returned.is_set() or asleep_in(other, CloseOnce.begin), "the second close waits"
+    )
+    assert not returned.is_set(), "the second close returned before the first was done"
+    once.end()
+    other.join(5)
+    assert returned.is_set()

@@ -39,7 +39,7 @@ from netns_util import (  # noqa: F401
 )
 from packets import ACK, GSO_NONE, GSO_TCPV4, GSO_UDP_L4, PSH, TCP, UDP, Flow, payload_bytes, vnet
 
-from tunkit import GsoTun, OffsetError, TooManySegmentsError
+from tunkit import ClosedError, GsoTun, OffsetError, TooManySegmentsError
 from tunkit._linux import netns as tk_netns
 from tunkit._linux.constants import (
     IFF_NO_PI,
@@ -55,7 +55,7 @@ from tunkit._linux.constants import (
 from tunkit._linux.device import NativeTun, create_tun, open_tun
 from tunkit._linux.gso_device import GsoNativeTun
 from tunkit._offload import _impl as tk_impl
-from tunkit._offload import _Malformed, split
+from tunkit._offload import _Malformed, _TooBig, split
 from tunkit._offload.vnet import gso_segments
 
 if TYPE_CHECKING:
@@ -295,13 +295,10 @@ class _Refusing:
             self.refused += 1
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
-    def writev_locked(self, bufs: Sequence[ReadableBuffer]) -> int:
-        self._check(bufs[0])
-        return int(self._inner.writev_locked(bufs))  # type: ignore[attr-defined]
-
-    def write_locked(self, buf: ReadableBuffer) -> int:
-        self._check(buf)
-        return int(self._inner.write_locked(buf))  # type: ignore[attr-defined]
+    def call_locked(self, call: Any, arg: Any, direction: str, block: bool = True) -> int:
+        if direction == "write":
+            self._check(arg if call is os.write else arg[0])
+        return int(self._inner.call_locked(call, arg, direction, block))  # type: ignore[attr-defined]
 
 
 class _RefusingIo:
@@ -480,13 +477,12 @@ def test_garbage_from_the_kernel_is_dropped_and_counted(
     before = tun.stats()
     try:
         n = tun._handle_kernel_packet(memoryview(data), bufs, sizes, 16)
-    except TooManySegmentsError:
+    except (TooManySegmentsError, _TooBig):
         assert tun.stats() == before  # nothing stored, nothing counted: read() decides
         return
     after = tun.stats()
-    drops = (after.dropped_malformed - before.dropped_malformed) + (
-        after.dropped_too_big - before.dropped_too_big
-    )
+    assert after.dropped_too_big == before.dropped_too_big
+    drops = after.dropped_malformed - before.dropped_malformed
     if n == 0:
         assert drops == 1
         assert after.packets_read == before.packets_read
@@ -542,13 +538,12 @@ class _Scripted:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def readv_locked(self, bufs: Sequence[Any]) -> int:
-        n = self.try_readv_locked(bufs)
-        assert n >= 0, "a blocking read with nothing scripted"
-        return n
-
-    def try_readv_locked(self, bufs: Sequence[Any]) -> int:
+    def call_locked(
+        self, _call: Any, bufs: Sequence[Any], direction: str, block: bool = True
+    ) -> int:
+        assert direction == "read"
         if not self.reads:
+            assert not block, "a blocking read with nothing scripted"
             return -1
         item = self.reads.pop(0)
         if isinstance(item, OSError):
@@ -598,6 +593,135 @@ def test_read_keeps_a_super_packet_that_does_not_fit_the_rest(
         assert tun.read(bufs, sizes) == 100
         assert [bytes(bufs[i][16 : 16 + sizes[i]]) for i in range(100)] == expected
     assert tun.stats().dropped_too_big == 0
+
+
+@pytest.mark.timeout(30)
+def test_read_keeps_a_packet_too_big_for_the_rest_for_the_first_buffer(
+    offload_device: GsoNativeTun,
+) -> None:
+    """A packet of a grown MTU behind another: the next call stores it in its larger first buffer.
+
+    As ``copy`` and ``Forwarder`` read: a first buffer of 64 KB, the others of the
+    old MTU. Dropping it would lose packets until the loop saw the new MTU.
+    """
+    tun = offload_device
+    flow = Flow()
+    small = vnet() + flow.packet(payload_bytes(50), seq=1)
+    big = vnet() + flow.packet(payload_bytes(8000), seq=51)  # GSO_NONE, 8040 bytes
+    tun._fd = _Scripted(tun._fd, [small, big])  # type: ignore[assignment]
+    bufs = [bytearray(16 + 65535)] + [bytearray(16 + 1500) for _ in range(127)]
+    sizes = [0] * 128
+    assert tun.read(bufs, sizes) == 1
+    assert bytes(bufs[0][16 : 16 + sizes[0]]) == small[10:]
+    assert tun.read(bufs, sizes) == 1
+    assert bytes(bufs[0][16 : 16 + sizes[0]]) == big[10:]
+    assert tun.stats().dropped_too_big == 0
+    # A caller whose first buffer is too small for it, too: dropped and counted, once.
+    tun._fd.reads = [small, big, small]  # type: ignore[attr-defined]
+    small_bufs = [bytearray(16 + 1500) for _ in range(128)]
+    assert tun.read(small_bufs, sizes) == 1
+    assert tun.read(small_bufs, sizes) == 1  # big dropped, then the second small one
+    assert bytes(small_bufs[0][16 : 16 + sizes[0]]) == small[10:]
+    assert tun.stats().dropped_too_big == 1
+
+
+class _SlowIo:
+    """Stands in for a device's PacketIo: read_gso stores one packet and reports EIO
+    after it, once *go* is set (or a second has passed)."""
+
+    def __init__(self, inner: Any, packet: bytes, go: threading.Event) -> None:
+        self._inner = inner
+        self._packet = packet
+        self._go = go
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def read_gso(self, bufs: Sequence[Any], sizes: Any, at: int, overflow: Any) -> tuple[int, int]:
+        self._go.wait(1)
+        memoryview(bufs[0])[at : at + len(self._packet)] = self._packet
+        sizes[0] = len(self._packet) - 10
+        return 1, -errno.EIO
+
+
+@pytest.mark.timeout(30)
+def test_read_and_read_gso_from_two_threads_keep_every_error(
+    offload_device: GsoNativeTun,
+) -> None:
+    """The error each call keeps for the next one is raised once, whichever thread calls.
+
+    read() keeps ENOBUFS after a packet while read_gso() (on another thread,
+    in C) returns a packet and keeps EIO: one must not overwrite the other.
+    """
+    tun = offload_device
+    if tun._io is None:
+        pytest.skip(f"no C extension: {tk_impl.REASON}")
+    flow = Flow()
+    packet = vnet() + flow.packet(payload_bytes(50), seq=1)
+    go = threading.Event()
+    scripted = _Scripted(tun._fd, [packet, OSError(errno.ENOBUFS, "scripted")])
+    tun._fd = scripted  # type: ignore[assignment]
+    tun._io = _SlowIo(tun._io, packet, go)  # type: ignore[assignment]
+    bufs = [bytearray(16 + 65535) for _ in range(128)]
+    sizes = [0] * 128
+    raised: list[int] = []
+
+    def read_gso() -> None:
+        assert tun.read_gso(bufs[:1], [0], 16) == 1
+
+    worker = threading.Thread(target=read_gso, name="test-read-gso")
+    worker.start()
+    time.sleep(0.1)  # read_gso is in its (stand-in) C call
+    for _ in range(4):
+        try:
+            tun.read(bufs, sizes)
+        except OSError as exc:
+            raised.append(exc.errno)  # type: ignore[arg-type]
+        go.set()
+        worker.join(5)
+        if not scripted.reads and tun._read_error is None:
+            break  # the next read would wait for the kernel
+    assert not worker.is_alive()
+    assert sorted(raised) == sorted([errno.ENOBUFS, errno.EIO])
+
+
+@pytest.mark.timeout(60)
+def test_read_and_read_gso_from_two_threads_take_each_packet_once(
+    netns_factory: MakeNs, io_path: str
+) -> None:
+    h = NativeHarness(netns_factory("two-readers"), offload=True)
+    tun = _gso(h.tun)
+    got: dict[str, list[bytes]] = {"read": [], "read_gso": []}
+    ends: list[BaseException] = []
+    count = 300
+
+    def reader(name: str) -> None:
+        bufs = [bytearray(16 + 65535) for _ in range(128)]
+        sizes = [0] * 128
+        call = tun.read if name == "read" else tun.read_gso
+        try:
+            while True:
+                n = call(bufs, sizes, 16)
+                got[name] += [bytes(bufs[i][16 : 16 + sizes[i]]) for i in range(n)]
+        except BaseException as exc:
+            ends.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(n,), name=f"test-{n}") for n in got]
+    for t in threads:
+        t.start()
+    try:
+        packets = [h.packet(i, 100 + i % 50) for i in range(count)]
+        h.inject(packets)
+        deadline = time.monotonic() + 10
+        while sum(map(len, got.values())) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        h.close()
+        for t in threads:
+            t.join(5)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(got["read"] + got["read_gso"]) == sorted(packets)
+    assert len(ends) == 2 and all(isinstance(e, ClosedError) for e in ends), ends
 
 
 # -- the pure header check of read_gso/write_gso ------------------------------------

@@ -71,17 +71,17 @@ def run(pkts: list[bytes], coalescer: Coalescer | None = None) -> list[Write]:
 
 
 def check_cover(writes: list[Write], n: int) -> None:
-    """Every packet is in exactly one write; prefixes grow to the batch length."""
+    """Every packet is in exactly one write, and each write names its packets' indices."""
     seen: list[int] = []
-    prefixes = [w.prefix for w in writes]
     for w in writes:
         assert w.gso == (len(w.packets) > 1)
         seen.append(w.first)
+        assert len(w.indices) == len(w.packets) and w.indices[0] == w.first
+        assert list(w.indices) == sorted(w.indices)
         if not w.gso:
             assert len(w.iov) == 2
             assert w.iov[0] is ZERO_VNET_HDR
-    assert prefixes == sorted(prefixes)
-    assert (prefixes[-1] if prefixes else 0) == n
+    assert sorted(i for w in writes for i in w.indices) == list(range(n))
     assert sum(len(w.packets) for w in writes) == n
     assert [w.first for w in writes] == sorted(seen)  # in order of first packet
 
@@ -168,7 +168,7 @@ def test_one_flow_becomes_one_super_packet(train: Train) -> None:
     writes = run(train.packets())
     assert len(writes) == 1
     [w] = writes
-    assert w.gso and w.first == 0 and w.prefix == len(train.sizes)
+    assert w.gso and w.first == 0 and w.indices == tuple(range(len(train.sizes)))
     assert joined(w) == train.super_packet()
     scapy_parses(joined(w))
 
@@ -348,13 +348,11 @@ def test_what_linux_gro_keeps_apart(case: Apart) -> None:
                 assert all(ip4_header_ok(p) and l4_checksum_ok(p) for p in parts)
 
 
-def test_order_and_prefix_of_interleaved_flows() -> None:
+def test_order_and_indices_of_interleaved_flows() -> None:
     pkts = [_tcp4(0), _udp6(0), _tcp4(1), _udp6(1), _tcp4(2), V4_UDP.packet(b"lone")]
     writes = run(pkts)
     assert [w.first for w in writes] == [0, 1, 5]
-    # After the TCP write only packet 0 is a complete prefix; after the UDP
-    # one, 0..4; after the lone packet, all.
-    assert [w.prefix for w in writes] == [1, 5, 6]
+    assert [w.indices for w in writes] == [(0, 2, 4), (1, 3), (5,)]
 
 
 def test_one_by_one_sends_every_packet_behind_a_zero_header() -> None:

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from blocking import signal_when_polling, wait_in_poll
@@ -429,3 +429,90 @@ def test_read_gso_keeps_exactly_what_the_python_check_accepts(
         )
     finally:
         ends.close()
+
+
+# --- one rule each: drops counted as they happen, EINTR, drain's wait ------------------
+
+
+def _until(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.parametrize("call", ["read", "read_gso"])
+def test_a_drop_is_counted_while_the_read_still_waits(ends: Ends, call: str) -> None:
+    """stats() must be current: a dropped packet counts at once, not after the next one."""
+    buf, over = bytearray(OFFSET + 100), bytearray(70000)
+    result: list[object] = []
+
+    def read() -> None:
+        if call == "read":
+            result.append(ends.io.read(buf, OFFSET, over))
+        else:
+            result.append(ends.io.read_gso([buf], [0], AT, over))
+
+    reader = threading.Thread(target=read, name="test-reader")
+    reader.start()
+    try:
+        ends.peer.send(b"L" * 3000)  # too big for the room: dropped, and the read goes on
+        if call == "read_gso":
+            ends.peer.send(b"not a packet")  # malformed: dropped too
+        want = counts(dropped_too_big=1, dropped_malformed=int(call == "read_gso"))
+        assert _until(lambda: ends.io.counts() == want), ends.io.counts()
+        assert reader.is_alive(), "the read returned with nothing to return"
+    finally:
+        ends.peer.send(vnet() + Flow().packet(b"end"))
+        reader.join(5)
+    assert not reader.is_alive() and result
+
+
+def _voluntary_switches(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc/self/task/*/status")
+
+
+def test_drain_sleeps_until_the_last_call_leaves(ends: Ends) -> None:
+    """drain() waits asleep for a call in progress (a futex the last call out wakes),
+    rather than waking up every few microseconds to look."""
+    reader, result = _waiting_read(ends)  # no eventfd: the read goes on waiting
+    tid: list[int] = []
+    drained = threading.Thread(
+        target=lambda: (tid.append(threading.get_native_id()), ends.io.drain()),
+        name="test-drain",
+    )
+    drained.start()
+    try:
+        assert _until(lambda: bool(tid))
+        time.sleep(0.05)
+        before = _voluntary_switches(tid[0])
+        time.sleep(0.3)
+        assert drained.is_alive(), "drain returned while a call was in progress"
+        assert _voluntary_switches(tid[0]) - before <= 3
+    finally:
+        ends.peer.send(b"done")  # the read returns; the last call out wakes drain
+        reader.join(5)
+        drained.join(5)
+    assert result == [4] and not drained.is_alive()
+
+
+def test_eintr_after_progress_is_no_error(ends: Ends) -> None:
+    """write_gso as read_gso: a signal that interrupts its wait after progress returns the
+    progress with err 0 (the handler runs when Python goes on); before any, it goes on."""
+    assert threading.current_thread() is threading.main_thread()
+    sent = _fill(ends)
+    assert ends.peer.recv(1000) == b"f" * 500  # room for one more record
+    pkt = bytes(AT) + vnet() + Flow().packet(b"p" * 400)
+    handled: list[int] = []
+    with signal_when_polling(lambda *_: handled.append(1)):
+        n, err = ends.io.write_gso([pkt, pkt], AT, 0)  # the second waits for room
+    assert (n, err) == (1, 0)
+    assert handled == [1]
+    got = [ends.peer.recv(1000) for _ in range(sent)]
+    assert got[-1] == pkt[AT:]

@@ -334,7 +334,7 @@ def _describe(writes: list[Write], bufs: list[Any]) -> list[Any]:
                 [ids[id(p.obj)] for p in w.packets],
                 w.first,
                 w.gso,
-                w.prefix,
+                w.indices,
             )
         )
     return out

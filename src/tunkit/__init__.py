@@ -30,7 +30,7 @@ from ._errors import (
     WriteOnClosedPipeError,
 )
 from ._events import Event, Events
-from ._forwarder import Forwarder, Point2Point
+from ._forwarder import Forwarder, ForwarderStats, Point2Point
 from ._offload import speedups_enabled
 from ._pipe import pipe
 from ._pool import BufferPool, DebugPool, Pool
@@ -84,6 +84,7 @@ __all__ = [
     "Event",
     "Events",
     "Forwarder",
+    "ForwarderStats",
     "GsoTun",
     "NativeTun",
     "OffsetError",

@@ -6,7 +6,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from ._errors import ClosedError, RetryableError, TunError
-from ._gso import GSO_BATCH, GSO_BUF_LEN, gso_offset, gso_pair
+from ._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, gso_offset, gso_pair, write_split
+from ._tun import GsoTun
 from ._write import WRITE_NO_PROGRESS, close_quietly, write_all, write_all_with
 
 if TYPE_CHECKING:
@@ -15,36 +16,70 @@ if TYPE_CHECKING:
 __all__ = ["copy"]
 
 
-
 def _pump(src: Tun, dst: Tun, passthrough: bool) -> None:
     """Copy packets from *src* to *dst* until a call raises.
 
     Packets are read at an offset that satisfies both ``src.mro()`` and
     ``dst.mwo()`` and written from the same buffers: no copy in between.
+    Whether super-packets pass whole is decided again whenever either MTU
+    changes (:func:`gso_pair`).
     """
-    if passthrough and gso_pair(src, dst):
-        _pump_gso(src, dst)
-        return
+    may_pass = passthrough and isinstance(src, GsoTun) and isinstance(dst, GsoTun)
+    if not may_pass and src.batch_size() <= 1 and dst.batch_size() <= 1:
+        _pump_one(src, dst)
+    while True:
+        if may_pass and gso_pair(src, dst, checked=True):
+            _pump_gso(src, dst)
+        else:
+            _pump_batches(src, dst, may_pass)
+
+
+def _pump_one(src: Tun, dst: Tun) -> None:
+    """One packet per call both ways (no offload): the shortest loop, until a call raises.
+
+    One buffer of 64 KB takes any packet, whatever the source's MTU is or
+    becomes: no MTU to follow, nothing more per packet than the two calls.
+    """
+    offset = max(src.mro(), dst.mwo())
+    bufs = [bytearray(offset + GSO_BUF_LEN)]
+    view = memoryview(bufs[0])
+    sizes = [0]
+    read, write = src.read, dst.write
+    while True:
+        try:
+            if not read(bufs, sizes, offset):
+                continue
+        except RetryableError:
+            continue
+        if write((view[: offset + sizes[0]],), offset) <= 0:
+            raise TunError(WRITE_NO_PROGRESS)
+
+
+def _pump_batches(src: Tun, dst: Tun, may_pass: bool) -> None:
+    """Copy batches with ``read``/``write`` until a call raises, or (*may_pass*)
+    until the MTUs let super-packets pass whole.
+
+    The first buffer holds 64 KB, the others ``mtu()`` behind the headroom,
+    grown when the source's MTU changes: a read that was already waiting when
+    it changed stores the next packet in the first buffer (a device keeps one
+    that does not fit a later buffer for its next read).
+    """
     offset = max(src.mro(), dst.mwo())
     count = max(src.batch_size(), 1)
-    size = offset + max(src.mtu(), dst.mtu())
-    bufs = [bytearray(size) for _ in range(count)]
-    views = [memoryview(buf) for buf in bufs]
+    bufs = [bytearray(offset + GSO_BUF_LEN)]
+    views = [memoryview(bufs[0])]
     sizes = [0] * count
+    mtu = -1
     read = src.read
-    if count == 1 and dst.batch_size() == 1:
-        # One packet per call both ways (no offload): the shortest loop, with
-        # none of the chunking that batches need.
-        view, write = views[0], dst.write
-        while True:
-            try:
-                if not read(bufs, sizes, offset):
-                    continue
-            except RetryableError:
-                continue
-            if write((view[: offset + sizes[0]],), offset) <= 0:
-                raise TunError(WRITE_NO_PROGRESS)
     while True:
+        now = src.mtu()
+        if now != mtu:
+            mtu = now
+            del bufs[1:], views[1:]
+            bufs += [bytearray(offset + mtu) for _ in range(count - 1)]
+            views += [memoryview(buf) for buf in bufs[1:]]
+        if may_pass and gso_pair(src, dst, checked=True):
+            return
         try:
             n = read(bufs, sizes, offset)
         except RetryableError:
@@ -56,7 +91,12 @@ def _pump(src: Tun, dst: Tun, passthrough: bool) -> None:
 
 
 def _pump_gso(src: Tun, dst: Tun) -> None:
-    """Copy whole super-packets from *src* to *dst* (both GsoTuns) until a call raises."""
+    """Copy whole super-packets from *src* to *dst* (both GsoTuns) until a call raises,
+    or until an MTU changes.
+
+    A batch read while an MTU changed goes out split (see :func:`gso_pair`),
+    and the caller decides again.
+    """
     read = src.read_gso  # type: ignore[attr-defined]
     write = dst.write_gso  # type: ignore[attr-defined]
     offset = gso_offset(src, dst)
@@ -65,13 +105,27 @@ def _pump_gso(src: Tun, dst: Tun) -> None:
     views = [memoryview(buf) for buf in bufs]
     sizes = [0] * count
     chunk = max(dst.batch_size(), 1)
+    mtu, room = src.mtu(), dst.mtu()
     while True:
         try:
             n = read(bufs, sizes, offset)
         except RetryableError:
             continue
-        if n > 0:
-            write_all_with(write, chunk, [views[i][: offset + sizes[i]] for i in range(n)], offset)
+        if n <= 0:
+            continue
+        now = src.mtu(), dst.mtu()
+        whole = [views[i][: offset + sizes[i]] for i in range(n)]
+        if now == (mtu, room):
+            write_all_with(write, chunk, whole, offset)
+            continue
+        # An MTU changed: the batch may hold segments of the old MTU or the new one.
+        if now[1] >= max(mtu, now[0]):
+            write_all_with(write, chunk, whole, offset)
+        else:
+            headroom = dst.mwo()
+            for packet in whole:
+                write_split(dst, packet[offset - VNET_HDR_LEN :], headroom)
+        return
 
 
 def copy(a: Tun, b: Tun, *, passthrough: bool = True) -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Final, final
 
 from ._errors import ClosedError, RetryableError, TunError
-from ._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, gso_offset, gso_pair, split_for
+from ._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, gso_offset, gso_pair, write_split
 from ._pool import BufferPool, get_buffer, put_buffer
 from ._tun import GsoTun
-from ._write import WRITE_NO_PROGRESS, close_quietly, write_all
+from ._write import WRITE_NO_PROGRESS, close_quietly
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
     from ._tun import Tun
 
-__all__ = ["Forwarder", "Point2Point"]
+__all__ = ["Forwarder", "ForwarderStats", "Point2Point"]
 
 # Batches read and not yet written. More than one lets the reader run ahead
 # while the writer is in a system call, so neither waits on the other per
@@ -27,6 +28,40 @@ __all__ = ["Forwarder", "Point2Point"]
 _QUEUE_DEPTH: Final = 32
 # Packets a reader moves in one streak of its own writes (see Forwarder._streak).
 _STREAK: Final = 256
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwarderStats:
+    """What a :class:`Forwarder` swallowed since it was made, rather than raise it.
+
+    A Forwarder keeps running through the errors of its Tuns (it closes the
+    one that failed and waits for another): these count them, so that a
+    program can show them and fail on them. A ``ClosedError`` is not an
+    error here: the Tun was closed (swapped, stopped, or by its owner). Each
+    field is exact; they are counted as it happens, off the path of a
+    packet that goes through.
+    """
+
+    # Reads that raised (not ClosedError, not retryable); each closed the read Tun.
+    read_errors: int = 0
+    # Reads that raised a RetryableError and were tried again (the Tun counts what it dropped).
+    read_retries: int = 0
+    # Writes that raised (not ClosedError); each closed the write Tun.
+    write_errors: int = 0
+    # Packets read and never written (a super-packet passed whole counts as one).
+    dropped: int = 0
+    # The last read or write error counted, as "Type: message".
+    last_error: str = ""
+
+    def __add__(self, other: ForwarderStats) -> ForwarderStats:
+        """Both directions' counts together (what :meth:`Point2Point.stats` returns)."""
+        return ForwarderStats(
+            self.read_errors + other.read_errors,
+            self.read_retries + other.read_retries,
+            self.write_errors + other.write_errors,
+            self.dropped + other.dropped,
+            "; ".join(e for e in (self.last_error, other.last_error) if e),
+        )
 
 
 @final
@@ -59,7 +94,8 @@ class Forwarder:
     error, closes that Tun and leaves that side waiting for a new one (the
     batch whose write failed is dropped). :meth:`stop` closes both Tuns,
     joins the threads (``tunkit-fwd-read:<id>``, ``tunkit-fwd-write:<id>``)
-    and returns every pooled buffer.
+    and returns every pooled buffer. :meth:`stats` counts the errors it
+    swallowed and the packets it dropped.
     """
 
     def __init__(self, pool: BufferPool | None = None, *, passthrough: bool = True) -> None:
@@ -73,6 +109,7 @@ class Forwarder:
         self._stopped = False  # guarded by _lock
         self._writing = False  # guarded by _lock; a batch is being written (one at a time)
         self._spare: list[bytearray] = []  # reader thread only: buffers for the next read
+        self._stats = ForwarderStats()  # guarded by _lock; replaced, never changed
         label = f"{id(self):x}"
         self._threads = (
             threading.Thread(target=self._reader, name=f"tunkit-fwd-read:{label}"),
@@ -125,8 +162,37 @@ class Forwarder:
         with self._lock:
             left = list(self._queue)
             self._queue.clear()
+        if left:
+            self._swallowed(dropped=sum(len(b.bufs) - b.done for b in left))
         for batch in left:
             self._release(batch.bufs)
+
+    def stats(self) -> ForwarderStats:
+        """What it swallowed so far: read and write errors, retried reads, dropped packets."""
+        return self._stats
+
+    def _swallowed(
+        self,
+        exc: BaseException | None = None,
+        *,
+        read: bool = False,
+        dropped: int = 0,
+    ) -> None:
+        """Count *exc* (from a read if *read*, else a write; None: none) and *dropped* packets.
+
+        A ``ClosedError`` is not counted, a ``RetryableError`` counts as a retry.
+        """
+        retry = isinstance(exc, RetryableError)
+        error = exc is not None and not retry and not isinstance(exc, ClosedError)
+        with self._lock:
+            st = self._stats
+            self._stats = ForwarderStats(
+                read_errors=st.read_errors + (error and read),
+                read_retries=st.read_retries + retry,
+                write_errors=st.write_errors + (error and not read),
+                dropped=st.dropped + dropped,
+                last_error=f"{type(exc).__name__}: {exc}" if error else st.last_error,
+            )
 
     @property
     def stopped(self) -> bool:
@@ -163,7 +229,7 @@ class Forwarder:
         # GsoTun protocol alone cost microseconds, as much as a packet's system
         # call when each batch is one packet (no offload).
         key: tuple[object, ...] = ()
-        gso_mtu = offset = count = size = 0
+        gso_mtu = offset = count = first = size = 0
         read: Callable[..., int] = _no_read
         sizes: list[int] = []
         while True:
@@ -183,35 +249,40 @@ class Forwarder:
                     gso_mtu = mtu
                     offset = gso_offset(tun, writer)
                     count = GSO_BATCH
-                    size = offset + GSO_BUF_LEN
+                    first = size = offset + GSO_BUF_LEN
                     read = tun.read_gso  # type: ignore[attr-defined]
                 else:
                     # Read with the headroom the write Tun needs, so the batch is
-                    # written in place.
+                    # written in place. The first buffer takes any packet: a
+                    # read already waiting when the MTU grows stores the next
+                    # one there (a device keeps one that does not fit a later
+                    # buffer for its next read); one buffer per read (no
+                    # offload) leaves the MTU out of the question.
                     gso_mtu = 0
                     offset = max(tun.mro(), writer.mwo() if writer is not None else 0)
                     count = max(tun.batch_size(), 1)
-                    size = offset + mtu
+                    first = offset + GSO_BUF_LEN
+                    size = first if count == 1 else offset + mtu
                     read = tun.read
                 sizes = [0] * count
             # Buffers not handed on with a batch are kept for the next read: only
             # the buffers of queued batches are taken from the pool again.
             spare = self._spare
-            if spare and len(spare[0]) != size:
-                self._release(spare)
-                spare = self._spare = []
-            while len(spare) < count:
-                spare.append(get_buffer(self._pool, size))
+            if len(spare) < count or len(spare[0]) != first or len(spare[-1]) != size:
+                spare = self._refill(count, first, size)
             bufs = spare[:count] if len(spare) > count else spare
             try:
                 n = read(bufs, sizes, offset)
-            except RetryableError:
+            except RetryableError as exc:
+                self._swallowed(exc, read=True)
                 continue
-            except Exception:
-                self._drop_read(tun)
+            except Exception as exc:
+                self._drop_read(tun, exc)
                 continue
             if n <= 0:
                 continue
+            # Super-packets read while the MTU grew may hold segments of the new one.
+            batch_mtu = gso_mtu and max(gso_mtu, tun.mtu())
             with self._lock:
                 # Write it on this thread when nothing is queued and the writer is
                 # idle: no hand-off, so no thread switch on the common path.
@@ -219,18 +290,35 @@ class Forwarder:
                 if inline is not None:
                     self._writing = True
                 else:
-                    batch = _Batch(spare[:n], sizes[:n], offset, gso_mtu)
+                    batch = _Batch(spare[:n], sizes[:n], offset, batch_mtu)
                     del spare[:n]
                     while not self._stopped and len(self._queue) >= _QUEUE_DEPTH:
                         changed.wait()
                     if self._stopped:
+                        self._swallowed(dropped=n)
                         self._release(batch.bufs)
                         return
                     self._queue.append(batch)
                     if len(self._queue) == 1:
                         changed.notify_all()  # the writer may be waiting for work
             if inline is not None:
-                self._deliver_inline(inline, n, sizes, offset, gso_mtu, tun, read)
+                self._deliver_inline(inline, n, sizes, offset, batch_mtu, tun, read)
+
+    def _refill(self, count: int, first: int, size: int) -> list[bytearray]:
+        """Make ``_spare`` *count* buffers: one of *first* bytes, then *size* bytes each.
+
+        Buffers of an earlier MTU or offset go back to the pool. Reader thread only.
+        """
+        spare = self._spare
+        stale = len(spare) > 1 and len(spare[-1]) != size
+        if stale or (spare and len(spare[0]) not in (first, size)):
+            self._release(spare)
+            spare = self._spare = []
+        if not spare or len(spare[0]) != first:
+            spare.insert(0, get_buffer(self._pool, first))
+        while len(spare) < count:
+            spare.append(get_buffer(self._pool, size))
+        return spare
 
     def _deliver_inline(
         self,
@@ -277,10 +365,11 @@ class Forwarder:
         system call, the read loop's setup and hand-over checks would cost
         more than the calls. Nothing can be queued meanwhile (only this
         thread queues), and every change that matters closes the Tun a call
-        is using, which ends the streak: a swap of either Tun, stop(). A
-        streak also ends after ``_STREAK`` packets, so the read loop sees a
-        changed MTU. Returns a packet cut short by a swap of *dst*, for the
-        new write Tun (its buffer leaves ``_spare``), else None.
+        is using, which ends the streak: a swap of either Tun, stop(). An
+        MTU change does not matter here: the one buffer holds 64 KB. A streak
+        also ends after ``_STREAK`` packets, so the read loop looks at the
+        pair again now and then. Returns a packet cut short by a swap of
+        *dst*, for the new write Tun (its buffer leaves ``_spare``), else None.
         """
         spare = self._spare
         buf = spare[0]
@@ -291,23 +380,25 @@ class Forwarder:
             try:
                 if read(bufs, sizes, offset) <= 0:
                     continue
-            except RetryableError:
+            except RetryableError as exc:
+                self._swallowed(exc, read=True)
                 continue
-            except Exception:
-                self._drop_read(src)
+            except Exception as exc:
+                self._drop_read(src, exc)
                 return None
             try:
                 if write((view[: offset + sizes[0]],), offset) <= 0:
                     raise TunError(WRITE_NO_PROGRESS)
             except Exception as exc:
-                if not self._write_failed(dst, exc):
+                if not self._write_failed(dst, exc, 1):
                     return None  # dropped with dst, as _write_or_drop does
                 del spare[:1]
                 return _Batch(bufs, sizes[:1], offset)
         return None
 
-    def _drop_read(self, tun: Tun) -> None:
-        """Close *tun* after it failed; wait for a new one unless it was already swapped."""
+    def _drop_read(self, tun: Tun, exc: Exception) -> None:
+        """Close *tun* after it failed with *exc*; wait for a new one unless it was swapped."""
+        self._swallowed(exc, read=True)
         with self._lock:
             if self._read_tun is tun:
                 self._read_tun = None
@@ -359,25 +450,29 @@ class Forwarder:
         try:
             self._write(tun, batch)
         except Exception as exc:
-            if self._write_failed(tun, exc):
+            if self._write_failed(tun, exc, len(batch.bufs) - batch.done):
                 return False
         if release:
             self._release(batch.bufs)
         return True
 
-    def _write_failed(self, tun: Tun, exc: Exception) -> bool:
+    def _write_failed(self, tun: Tun, exc: Exception, unwritten: int) -> bool:
         """*tun* failed a write with *exc*: close it; return whether the rest goes on.
 
         True when *tun* was swapped out (its ``ClosedError`` came from that):
-        the unwritten packets go to the new write Tun. Else the write Tun is
-        gone (None: batches wait for a new one) and the packets are dropped.
+        the *unwritten* packets go to the new write Tun. Else the write Tun
+        is gone (None: batches wait for a new one) and they are dropped, and
+        counted with the error.
         """
         with self._lock:
             swapped = self._write_tun is not tun
             if not swapped:
                 self._write_tun = None
         close_quietly(tun)
-        return swapped and isinstance(exc, ClosedError) and not self._stopped
+        goes_on = swapped and isinstance(exc, ClosedError) and not self._stopped
+        if not goes_on:
+            self._swallowed(exc, dropped=unwritten)
+        return goes_on
 
     def _write(self, tun: Tun, batch: _Batch) -> None:
         """Write the unwritten packets of *batch* to *tun*, recording progress in ``done``."""
@@ -424,9 +519,8 @@ class Forwarder:
         while batch.done < n:
             i = batch.done
             packet = memoryview(bufs[i])[offset - VNET_HDR_LEN : offset + sizes[i]]
-            segments, seg_sizes = split_for(tun, packet, headroom)
-            pairs = zip(segments, seg_sizes, strict=True)
-            write_all(tun, [memoryview(seg)[: headroom + k] for seg, k in pairs], headroom)
+            if not write_split(tun, packet, headroom):
+                self._swallowed(dropped=1)  # malformed: nothing to write
             batch.done += 1
 
 
@@ -477,6 +571,10 @@ class Point2Point:
         """Make *tun* endpoint B: read for A, and written with what A sends."""
         self.b2a.set_read_tun(tun)
         self.a2b.set_write_tun(tun)
+
+    def stats(self) -> ForwarderStats:
+        """Both forwarders' :meth:`Forwarder.stats` together (each direction: ``a2b``, ``b2a``)."""
+        return self.a2b.stats() + self.b2a.stats()
 
     def stop(self) -> None:
         """Stop both forwarders; idempotent."""

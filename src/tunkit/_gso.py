@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 from ._errors import TooManySegmentsError
 from ._offload.vnet import VNET_HDR_LEN
 from ._tun import GsoTun
+from ._write import write_all
 
 if TYPE_CHECKING:
 
@@ -24,9 +25,12 @@ __all__ = [
     "gso_offset",
     "gso_pair",
     "split_for",
+    "write_split",
 ]
 
-# Room for the largest IP packet (a 64 KB super-packet) behind the headroom.
+# Room for the largest IP packet (a 64 KB super-packet) behind the headroom:
+# also the size of the first read buffer of every forwarding loop, so that the
+# next packet fits whatever the source's MTU has become meanwhile.
 GSO_BUF_LEN: Final = 65535
 # Super-packets read per call: each is one system call of up to 64 KB, so a
 # few per call already amortise the Python around them (memory: 16 x 64 KB).
@@ -72,3 +76,18 @@ def split_for(dst: Tun, packet: memoryview, offset: int) -> tuple[list[bytearray
         except (_Malformed, _TooBig):
             return [], []
         return bufs[:n], sizes[:n]
+
+
+def write_split(dst: Tun, packet: memoryview, headroom: int) -> int:
+    """Split super-packet *packet* (header at ``packet[:10]``) and write its segments to *dst*.
+
+    Returns how many segments were written; 0 when *packet* is malformed
+    (dropped: nothing to write).
+
+    Raises:
+        TunError: a write made no progress.
+    """
+    segments, sizes = split_for(dst, packet, headroom)
+    pairs = zip(segments, sizes, strict=True)
+    write_all(dst, [memoryview(seg)[: headroom + k] for seg, k in pairs], headroom)
+    return len(segments)

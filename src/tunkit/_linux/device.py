@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import ipaddress
 import os
-import threading
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -18,7 +17,7 @@ from .._offload.vnet import VNET_HDR_LEN
 from .._tun import check_offset
 from . import netlink
 from .constants import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_PERSIST, IFF_TUN, IFF_VNET_HDR, IFNAMSIZ
-from .fd import PACKET_IO, _Descriptor
+from .fd import PACKET_IO, CloseOnce, _Descriptor
 from .ioctl import (
     enable_vnet,
     get_iff,
@@ -56,14 +55,17 @@ _write: Final = os.write
 # read and write of a device without offload, and read_gso/write_gso of one
 # with it. Each call does the system calls, poll() when the device is not
 # ready, the header checks and the counters with the GIL released once and no
-# lock. Per packet, what Python runs around the system call decides the speed:
-# on pair-load, read/write in Python (a lock, counters, a memoryview and a
-# slice per packet) reached 0.5-0.65x a bare os.readv/os.write loop, PacketIo
+# lock per packet (read_gso takes the read lock once per batch). Per packet,
+# what Python runs around the system call decides the speed: on pair-load,
+# read/write in Python (a lock, counters, a memoryview and a slice per
+# packet) reached 0.5-0.65x a bare os.readv/os.write loop, PacketIo
 # ~1x; super-packets passed whole went from ~0.55x veth to ~0.85x. Devices made
 # while this is None (tests rebind it) use the Python path.
 _packet_io = PACKET_IO
 # What the kernel says when it refuses one written packet: EIO while the link
-# is down, EINVAL for bytes that are not an IPv4 or IPv6 packet.
+# is down, EINVAL for bytes that are not an IPv4 or IPv6 packet (for a
+# super-packet, EINVAL means the kernel lacks that offload: the caller splits
+# it). The Python paths' copy of PacketIo's rule (packet_io.c, write_dropped).
 _DROPPED_ON_WRITE: Final = frozenset({errno.EIO, errno.EINVAL})
 @dataclasses.dataclass(frozen=True, slots=True)
 class TunStats:
@@ -162,8 +164,8 @@ class NativeTun:
         self._seen_mtu = state.mtu  # event thread only
         self._seen_up = state.up  # event thread only
         self._events = Events(Event.UP if state.up else None)
-        self._state_lock = threading.Lock()
-        self._closed = False  # guarded by _state_lock
+        self._once = CloseOnce()
+        self._closed = False  # set once by close()
         # Read side, guarded by the read lock.
         self._overflow = bytearray(_MAX_KERNEL_PACKET)  # catches too-big packets
         self._wait_first = 0  # reads left that poll() before trying (see read())
@@ -283,9 +285,10 @@ class NativeTun:
         Returns how many were handled. A packet the kernel refuses (EIO while
         the link is down, EINVAL for bytes that are not IPv4 or IPv6) is
         dropped and counted in ``stats().dropped_write``, as a real link loses
-        it. When another error hits packet ``i > 0``, returns ``i`` and the
-        caller's retry of that packet raises it. The bytes in front of
-        *offset* are left unchanged.
+        it. The packets go out in order: when another error hits packet
+        ``i > 0``, returns ``i``, and the caller's retry starts with that
+        packet (it meets the error again, or the packet goes). The bytes in
+        front of *offset* are left unchanged.
 
         Raises:
             OffsetError: *offset* is below ``mwo()``.
@@ -299,14 +302,12 @@ class NativeTun:
             return self._write_pure(bufs, offset)
         done = 0
         for buf in bufs:
+            # 0 is a packet the kernel refused: PacketIo dropped and counted it.
             n = io.write(buf, offset)
             if n < 0:
-                if -n not in _DROPPED_ON_WRITE:
-                    if done:
-                        return done
-                    raise self._fd.errno_failure(n, "write")
-                with self._write_lock:
-                    self._dropped_write += 1  # lost as on a real link (see _write_pure)
+                if done:
+                    return done  # the caller's retry starts with the packet that failed
+                raise self._fd.errno_failure(n, "write")
             done += 1
         return done
 
@@ -465,16 +466,23 @@ class NativeTun:
     # -- life -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the device; idempotent, from any thread.
+        """Close the device; idempotent, from any thread, and from a signal handler.
 
         Blocked reads and writes raise :class:`ClosedError` at once; returns
         after the event thread has ended and every descriptor is closed. The
         kernel removes a device that is not persistent with its last descriptor.
+        A signal handler may close the device that its own thread is reading
+        or writing (every path: C and Python, ``read``, ``write``,
+        ``read_gso``, ``write_gso``): the call raises :class:`ClosedError`
+        once the handler returns. A close() that meets one under way on
+        another thread returns when that one is done. The device is gone
+        when close() returns;
+        if the call was waiting in ``poll()``, its two descriptor numbers
+        are released by that call as it raises (see ``_Descriptor``).
         """
-        with self._state_lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._once.begin():
+            return  # closed, or closed by another thread meanwhile
+        self._closed = True
         try:
             self._fd.close()
         finally:
@@ -485,6 +493,7 @@ class NativeTun:
                 if self._ns_fd is not None:
                     os.close(self._ns_fd)
                     self._ns_fd = None
+                self._once.end()
 
     @property
     def closed(self) -> bool:

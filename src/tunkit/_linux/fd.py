@@ -6,18 +6,16 @@ import errno
 import os
 import select
 import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar, final
 
 from .._errors import ClosedError
 from .._offload._impl import NATIVE_MODULE
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer, WriteableBuffer
-
     from .._speedups import PacketIo
 
-__all__ = ["PACKET_IO", "PacketIoType", "_Descriptor"]
+__all__ = ["PACKET_IO", "CloseOnce", "PacketIoType", "_Descriptor"]
 
 
 class PacketIoType(Protocol):
@@ -32,7 +30,53 @@ _packet_io = getattr(NATIVE_MODULE, "PacketIo", None)
 PACKET_IO: Final[PacketIoType | None] = _packet_io if hasattr(_packet_io, "read_gso") else None
 """The C extension's PacketIo when it is loaded, else None (the Python path)."""
 
-_POLL_ERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_A = TypeVar("_A")  # what call_locked passes on to its system call
+_READ: Final = 0  # index of a direction in _Descriptor._waiting
+_WRITE: Final = 1
+
+
+@final
+class CloseOnce:
+    """The bookkeeping of an idempotent close(): who closes, and when it is done.
+
+    The first :meth:`begin` closes; a later one waits until that close is
+    done (:meth:`end`), so that no close() returns while another thread's is
+    still releasing things (SPEC: nothing remains once close() returned). A
+    later one on the closing thread itself (a signal handler that runs
+    inside close()) returns at once: it cannot wait for itself.
+    """
+
+    __slots__ = ("_closer", "_done", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # re-entrant: see above
+        self._done = threading.Event()
+        self._closer: int | None = None  # the closing thread, guarded by _lock
+
+    def begin(self) -> bool:
+        """Whether the caller is the one to close (then it calls :meth:`end` when done).
+
+        False: it was closed, or is being closed by another thread, whose
+        close has ended by the time this returns.
+        """
+        me = threading.get_ident()
+        with self._lock:
+            closer = self._closer
+            if closer is None:
+                self._closer = me
+                return True
+        if closer != me:
+            self._done.wait()
+        return False
+
+    def end(self) -> None:
+        """The close that :meth:`begin` let through is done."""
+        self._done.set()
+
+    @property
+    def begun(self) -> bool:
+        """Whether a close has begun."""
+        return self._closer is not None
 
 
 class _Descriptor:
@@ -43,13 +87,14 @@ class _Descriptor:
     :meth:`close` makes the eventfd readable for good, so every waiter returns
     and raises :class:`ClosedError`. One reader and one writer may run at the
     same time (a lock per direction); the descriptor is closed only once
-    neither lock is held, so no system call can reach a reused descriptor
-    number.
+    neither lock is held by another thread, so no system call can reach a
+    reused descriptor number.
 
-    The system call is tried first and ``poll()`` runs only on EAGAIN; each
-    direction keeps its own poll object, made once and used only under its
-    lock (a poll object holds descriptor numbers, not the files: it is never
-    used once :meth:`close` has begun).
+    The system call is tried first and ``poll()`` runs only on EAGAIN
+    (:meth:`call_locked`, the one loop); each direction keeps its own poll
+    object, made once and used only under its lock (a poll object holds
+    descriptor numbers, not the files: it is never used once :meth:`close`
+    has begun).
 
     A hot path may make its own system call on :attr:`fd` (one packet per
     call leaves no room for a layer of Python): holding the direction's
@@ -57,17 +102,30 @@ class _Descriptor:
     :meth:`wait_readable`/:meth:`wait_writable` and tries again, and passes
     any other ``OSError`` through :meth:`failure`.
 
-    With *packet_io* (the C extension's ``PacketIo``), :attr:`io` reads and
-    writes one packet per call without these locks; :meth:`close` then drains
-    it (refuses new calls, waits for those in progress) before it closes.
+    With *packet_io* (the C extension's ``PacketIo``), :attr:`io` makes the
+    system calls of a packet or a batch without these locks; :meth:`close`
+    then drains it (refuses new calls, waits for those in progress) before
+    it closes.
+
+    **Signal handlers.** A handler may call :meth:`close` on the thread that
+    is inside a call here (blocked in ``read``, say): the direction locks
+    are re-entrant, so close() does not wait for its own thread. When that
+    thread was waiting in ``poll()``, Python retries the poll on the same
+    descriptor numbers once the handler returns (PEP 475); close() then
+    releases the device at once but keeps the two numbers taken (the
+    device's becomes a copy of the readable eventfd) until that poll has
+    returned, and the interrupted call closes them as it raises
+    :class:`ClosedError`.
     """
 
     __slots__ = (
         "_closing",
         "_label",
+        "_late",
+        "_once",
         "_read_lock",
         "_read_poll",
-        "_state_lock",
+        "_waiting",
         "_write_lock",
         "_write_poll",
         "fd",
@@ -88,19 +146,26 @@ class _Descriptor:
         # (a late call gets EBADF from -1, never another file's number).
         self.fd = fd
         self._label = label
-        self._read_lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._closing = False  # guarded by _state_lock; read without it as a hint
-        # One poll object per direction, guarded by that direction's lock.
+        # Re-entrant: a signal handler that closes the device runs on a thread
+        # that may hold one of them (see the class docstring).
+        self._read_lock = threading.RLock()
+        self._write_lock = threading.RLock()
+        self._once = CloseOnce()
+        self._closing = False  # set once by close(); read without a lock as a hint
+        # One poll object per direction, guarded by that direction's lock, and
+        # whether its holder waits in it now (set before the _closing check).
         self._read_poll = select.poll()
         self._read_poll.register(fd, select.POLLIN)
         self._read_poll.register(self.wake_fd, select.POLLIN)
         self._write_poll = select.poll()
         self._write_poll.register(fd, select.POLLOUT)
         self._write_poll.register(self.wake_fd, select.POLLIN)
-        # The C extension's one-packet calls on fd (see PacketIo), when asked
-        # for: they keep no lock, so close() drains them before it closes.
+        self._waiting = [False, False]  # [_READ], [_WRITE]
+        # (device number, eventfd, thread): numbers a close() from a signal
+        # handler left for the interrupted poll() of that thread to close.
+        self._late: tuple[int, int, int] | None = None
+        # The C extension's calls on fd (see PacketIo), when asked for: they
+        # keep no lock, so close() drains them before it closes.
         self.io = None if packet_io is None else packet_io(fd, self.wake_fd)
 
     @property
@@ -112,12 +177,9 @@ class _Descriptor:
         """The owned descriptor; -1 once closed."""
         return self.fd
 
-    def _closed_error(self, direction: str) -> ClosedError:
-        return ClosedError(f"tun: {direction} on closed {self._label}: file already closed")
-
     def closed_error(self, direction: str) -> ClosedError:
         """The :class:`ClosedError` of a *direction* (``"read"``/``"write"``) after close()."""
-        return self._closed_error(direction)
+        return ClosedError(f"tun: {direction} on closed {self._label}: file already closed")
 
     def wait_readable(self) -> None:
         """Block until the descriptor is readable; hold :attr:`read_lock`.
@@ -125,11 +187,7 @@ class _Descriptor:
         Raises:
             ClosedError: close() has begun (then or while waiting).
         """
-        if self._closing:
-            raise self._closed_error("read")
-        self._read_poll.poll()
-        if self._closing:
-            raise self._closed_error("read")
+        self._wait(self._read_poll, _READ, "read")
 
     def wait_writable(self) -> None:
         """Block until the descriptor is writable; hold :attr:`write_lock`.
@@ -137,11 +195,20 @@ class _Descriptor:
         Raises:
             ClosedError: close() has begun (then or while waiting).
         """
+        self._wait(self._write_poll, _WRITE, "write")
+
+    def _wait(self, poll: select.poll, side: int, direction: str) -> None:
+        waiting = self._waiting
+        waiting[side] = True  # before the check: see close()
+        try:
+            if not self._closing:
+                poll.poll()
+        finally:
+            waiting[side] = False
+            if self._late is not None:
+                self._close_late()
         if self._closing:
-            raise self._closed_error("write")
-        self._write_poll.poll()
-        if self._closing:
-            raise self._closed_error("write")
+            raise self.closed_error(direction)
 
     def wait(self, events: int, direction: str, timeout_ms: int | None = None) -> None:
         """Block until the descriptor reports *events* or *timeout_ms* passes.
@@ -170,131 +237,96 @@ class _Descriptor:
         anything else stays itself.
         """
         if exc.errno == errno.EBADF and self._closing:
-            return self._closed_error(direction)
+            return self.closed_error(direction)
         return exc
 
     def errno_failure(self, err: int, direction: str) -> OSError:
         """:meth:`failure` for *err*, a ``-errno`` that a :attr:`io` call returned."""
         return self.failure(OSError(-err, os.strerror(-err)), direction)
 
-    def readv(self, bufs: Sequence[WriteableBuffer]) -> int:
-        """Read one record (one packet for a TUN device) into *bufs*; block until one comes.
+    def call_locked(
+        self, call: Callable[[int, _A], int], arg: _A, direction: str, block: bool = True
+    ) -> int:
+        """Return ``call(fd, arg)`` (``os.readv``, ``os.writev``, ``os.write``); hold the lock
+        of *direction* (``"read"`` or ``"write"``).
+
+        The one loop of every such call: EAGAIN waits in ``poll()`` until the
+        descriptor is ready and tries again, or with ``block=False`` returns
+        -1. (EINTR never reaches here: Python retries the call itself.)
 
         Raises:
             ClosedError: the descriptor is closed or closes while waiting.
-            OSError: the kernel refused the read.
-        """
-        with self._read_lock:
-            return self.readv_locked(bufs)
-
-    def readv_locked(self, bufs: Sequence[WriteableBuffer]) -> int:
-        """Like :meth:`readv`, for a caller that holds :attr:`read_lock`."""
-        while True:
-            if self._closing:
-                raise self._closed_error("read")
-            try:
-                return os.readv(self.fd, bufs)
-            except BlockingIOError:
-                self._read_poll.poll()
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EBADF and self._closing:
-                    raise self._closed_error("read") from None
-                raise
-
-    def try_readv_locked(self, bufs: Sequence[WriteableBuffer]) -> int:
-        """Read one record into *bufs* if one is ready, else return -1; hold :attr:`read_lock`.
-
-        Raises:
-            ClosedError: the descriptor is closed.
-            OSError: the kernel refused the read.
+            OSError: the kernel refused the call.
         """
         while True:
             if self._closing:
-                raise self._closed_error("read")
+                raise self.closed_error(direction)
             try:
-                return os.readv(self.fd, bufs)
+                return call(self.fd, arg)
             except BlockingIOError:
-                return -1
-            except InterruptedError:
-                continue
+                if not block:
+                    return -1
+                if direction == "read":
+                    self._wait(self._read_poll, _READ, "read")
+                else:
+                    self._wait(self._write_poll, _WRITE, "write")
             except OSError as exc:
-                if exc.errno == errno.EBADF and self._closing:
-                    raise self._closed_error("read") from None
-                raise
+                raise self.failure(exc, direction) from None
 
     @property
-    def read_lock(self) -> threading.Lock:
+    def read_lock(self) -> threading.RLock:
         """The lock of the read direction; hold it to guard state that goes with a read."""
         return self._read_lock
 
-    def writev(self, bufs: Sequence[ReadableBuffer]) -> int:
-        """Write *bufs* as one record (one packet for a TUN device); block while the kernel is full.
-
-        Raises:
-            ClosedError: the descriptor is closed or closes while waiting.
-            OSError: the kernel refused the packet.
-        """
-        with self._write_lock:
-            return self.writev_locked(bufs)
-
-    def writev_locked(self, bufs: Sequence[ReadableBuffer]) -> int:
-        """Like :meth:`writev`, for a caller that holds :attr:`write_lock` (a batch)."""
-        while True:
-            if self._closing:
-                raise self._closed_error("write")
-            try:
-                return os.writev(self.fd, bufs)
-            except BlockingIOError:
-                self._write_poll.poll()
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EBADF and self._closing:
-                    raise self._closed_error("write") from None
-                raise
-
-    def write_locked(self, buf: ReadableBuffer) -> int:
-        """Like :meth:`writev_locked` with one buffer (``os.write``: no list to build)."""
-        while True:
-            if self._closing:
-                raise self._closed_error("write")
-            try:
-                return os.write(self.fd, buf)
-            except BlockingIOError:
-                self._write_poll.poll()
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EBADF and self._closing:
-                    raise self._closed_error("write") from None
-                raise
-
     @property
-    def write_lock(self) -> threading.Lock:
+    def write_lock(self) -> threading.RLock:
         """The lock of the write direction; hold it to write a batch without interleaving."""
         return self._write_lock
 
     def close(self) -> None:
         """Close the descriptor, waking blocked callers first; idempotent, any thread.
 
-        Returns once the descriptor is closed, which waits for the system call
-        in progress (if any) to return.
+        Returns once the device's descriptor is closed, which waits for the
+        system calls in progress on other threads (if any) to return, and for
+        a close() that another thread began. From a signal handler, see the
+        class docstring.
         """
-        with self._state_lock:
-            if self._closing:
-                return
-            self._closing = True
+        if not self._once.begin():
+            return
+        try:
+            self._close()
+        finally:
+            self._once.end()
+
+    def _close(self) -> None:
+        self._closing = True
         os.eventfd_write(self.wake_fd, 1)  # stays readable: every waiter returns
         if self.io is not None:
             self.io.drain()  # refuses new calls, waits for those in progress
         with self._read_lock, self._write_lock:
-            # No system call on _fd can be running now. A closed descriptor's
-            # number is reused at once; a late read would hit another file.
-            os.close(self.fd)
-            os.close(self.wake_fd)
+            # No system call on fd can be running on another thread now. A
+            # closed descriptor's number is reused at once; a late read would
+            # hit another file.
+            fd, wake = self.fd, self.wake_fd
             self.fd = self.wake_fd = -1
+            if True in self._waiting:
+                # Only this thread can be waiting while it holds both locks: a
+                # signal handler runs this inside its wait, and poll() will run
+                # again on these numbers. Release the device now; keep the
+                # numbers taken, and readable, until that poll has returned.
+                os.dup2(wake, fd, inheritable=False)
+                self._late = (fd, wake, threading.get_ident())
+                return
+        os.close(fd)
+        os.close(wake)
+
+    def _close_late(self) -> None:
+        """Close the numbers close() left for the interrupted wait of this thread, if any."""
+        late = self._late
+        if late is not None and late[2] == threading.get_ident():
+            self._late = None
+            os.close(late[0])
+            os.close(late[1])
 
     def __repr__(self) -> str:
         state = " [closed]" if self._closing else ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-import itertools
+import os
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Final, final
 
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 __all__ = ["GsoNativeTun"]
+
+_readv: Final = os.readv
+_writev: Final = os.writev
+_write: Final = os.write  # one buffer: no list to build
 
 _SPLIT_FIRST: Final = 1  # PacketIo.write_gso: a super-packet of a refused kind
 # The kinds of super-packet a kernel refused, as bits (PacketIo.write_gso's *refused*).
@@ -63,9 +67,11 @@ class GsoNativeTun(NativeTun):
         monitor: netlink.LinkMonitor,
     ) -> None:
         """Private: use :func:`create_tun` or :func:`open_tun` (see :class:`NativeTun`)."""
-        # Read side, guarded by the read lock. One kernel packet (header
-        # included) lands in _rbuf; _pending is the length of one read there
-        # but not yet handed out (it did not fit the rest of a batch), 0 if none.
+        # Read side, guarded by the read lock, which read() and read_gso()
+        # hold on every path (C too): either may be called from its own thread.
+        # One kernel packet (header included) lands in _rbuf; _pending is the
+        # length of one read there but not yet handed out (it did not fit the
+        # rest of a batch), 0 if none.
         self._rbuf = bytearray(_MAX_KERNEL_PACKET)
         self._rview = memoryview(self._rbuf)
         self._pending = 0
@@ -78,6 +84,9 @@ class GsoNativeTun(NativeTun):
         self._refused = 0  # kinds refused (_REFUSED_TCP, _REFUSED_UDP), as PacketIo.write_gso takes
         self._seg_bufs: list[bytearray] = []  # segments of a refused super-packet
         self._seg_sizes: list[int] = []
+        # An error that cost packets (dropped below the count a write returned),
+        # raised by the next write or write_gso.
+        self._write_error: OSError | None = None
         super().__init__(
             fd, name, vnet_hdr=vnet_hdr, offload_flags=offload_flags, ns_fd=ns_fd, monitor=monitor
         )
@@ -92,10 +101,12 @@ class GsoNativeTun(NativeTun):
         Blocks until one kernel packet comes, then takes the ones already
         waiting while buffers remain. A super-packet (TCP or UDP GSO) becomes
         its segments, one per buffer, with their own headers and checksums; a
-        partial checksum is completed. A malformed kernel packet, or one whose
-        packets do not fit their buffers, is dropped and counted
-        (``dropped_malformed``, ``dropped_too_big``) and the read goes on. An
-        error after some packets were stored is raised by the next call.
+        partial checksum is completed. A malformed kernel packet is dropped
+        and counted (``dropped_malformed``) and the read goes on. A kernel
+        packet that does not fit the buffers left after others were stored is
+        kept for the next call, where it comes first; one that does not fit
+        from the first buffer on is dropped and counted (``dropped_too_big``).
+        An error after some packets were stored is raised by the next call.
 
         Raises:
             OffsetError: *offset* is below ``mro()``.
@@ -118,10 +129,10 @@ class GsoNativeTun(NativeTun):
                 if self._pending:
                     n, self._pending = self._pending, 0
                 elif not stored:
-                    n = fd.readv_locked(iov)
+                    n = fd.call_locked(_readv, iov, "read")
                 else:
                     try:
-                        n = fd.try_readv_locked(iov)
+                        n = fd.call_locked(_readv, iov, "read", block=False)
                     except OSError as exc:
                         self._read_error = exc
                         return stored
@@ -135,12 +146,17 @@ class GsoNativeTun(NativeTun):
                         sizes[stored : stored + got] = self._split_sizes[:got]
                     else:
                         got = self._handle_kernel_packet(rview[:n], bufs, sizes, offset)
-                except TooManySegmentsError:
+                except (TooManySegmentsError, _TooBig) as exc:
                     if stored:
-                        self._pending = n  # first in the next call, with all buffers
+                        # First in the next call, with all the buffers: more of
+                        # them, and the first one may be larger (forwarding
+                        # loops make it 64 KB, for a packet of a grown MTU).
+                        self._pending = n
                         return stored
                     self._dropped_too_big += 1
-                    raise
+                    if isinstance(exc, TooManySegmentsError):
+                        raise
+                    continue
                 stored += got
                 if stored >= want:
                     return stored
@@ -154,20 +170,18 @@ class GsoNativeTun(NativeTun):
     ) -> int:
         """Turn one kernel read (virtio header + packet) into packets in *bufs*; return the count.
 
-        A malformed one, or one that does not fit, is dropped and counted: 0.
-        Called with the read lock held.
+        A malformed one is dropped and counted: 0. Called with the read lock held.
 
         Raises:
             TooManySegmentsError: more segments than buffers; nothing stored
                 or counted (the caller decides).
+            _TooBig: a packet does not fit its buffer; nothing counted (the
+                caller decides).
         """
         try:
             count = split(data, bufs, sizes, offset)
         except _Malformed:
             self._dropped_malformed += 1
-            return 0
-        except _TooBig:
-            self._dropped_too_big += 1
             return 0
         if data[1] & ~VIRTIO_NET_HDR_GSO_ECN != VIRTIO_NET_HDR_GSO_NONE:
             self._gso_split += 1
@@ -185,58 +199,80 @@ class GsoNativeTun(NativeTun):
         packets are written one by one, that kind of coalescing is turned off
         for the device, and ``stats().gro_refused`` counts it. A packet the
         kernel refuses is dropped and counted as in :meth:`NativeTun.write`.
-        When another error hits after some packets went out, returns how many
-        leading packets were sent and the caller's retry raises it.
+
+        The count returned means: these first packets were handled, and no
+        later one was sent, so a retry of ``bufs[count:]`` sends no packet
+        twice. The writes go out flow by flow, so when one fails after others
+        went out, the count is 1 + the index of the last packet that went
+        out; a packet below it that did not go out (of a flow written later)
+        is dropped and counted (``dropped_write``), and the error that cost
+        it is raised by the next call.
 
         Raises:
             OffsetError: *offset* is below ``mwo()``.
             ClosedError: the device is closed, or closes during the call.
-            OSError: any other refusal of the first write.
+            OSError: any other refusal of the first write, or the error kept
+                by the call before.
         """
         if offset < HEADROOM:
             check_offset("write", offset, HEADROOM)
         fd = self._fd
         with self._write_lock:
+            if self._write_error is not None:
+                error, self._write_error = self._write_error, None
+                raise error
             writes = self._coalescer.coalesce(bufs, offset)
-            done = 0  # leading packets of the batch handled so far
-            for w in writes:
-                try:
-                    if w.gso and self._was_refused(w.iov[0][1]):
-                        # Refused earlier in this batch: the coalescer heard of
-                        # it too late to leave this one whole.
-                        self._write_apart(w)
-                        done = w.prefix
-                        continue
+            for k, w in enumerate(writes):
+                # A super-packet of a kind refused earlier in this batch (the
+                # coalescer heard of it too late to leave it whole) goes apart.
+                if not w.gso or not self._was_refused(w.iov[0][1]):
                     try:
-                        n = fd.writev_locked(w.iov)
+                        n = fd.call_locked(_writev, w.iov, "write")
                     except OSError as exc:
                         if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
-                            raise
-                        if exc.errno == errno.EINVAL and w.gso:
-                            self._refuse(w.iov[0][1])
-                            self._write_apart(w)
-                        else:
+                            return self._write_failed(writes, k, 0, exc)
+                        if exc.errno != errno.EINVAL or not w.gso:
                             self._dropped_write += len(w.packets)
-                        done = w.prefix
+                            continue
+                        self._refuse(w.iov[0][1])  # and apart, below
+                    else:
+                        if w.gso:
+                            self._gro_coalesced += len(w.packets)
+                            self._packets_written += len(w.packets)
+                            self._bytes_written += sum(map(len, w.packets))
+                        else:
+                            self._packets_written += 1
+                            self._bytes_written += n - VNET_HDR_LEN
                         continue
-                except OSError:
-                    if done:
-                        return done  # the caller's retry meets the error
-                    raise
-                done = w.prefix
-                if w.gso:
-                    self._gro_coalesced += len(w.packets)
-                    self._packets_written += len(w.packets)
-                    self._bytes_written += sum(map(len, w.packets))
-                else:
-                    self._packets_written += 1
-                    self._bytes_written += n - VNET_HDR_LEN
+                for j, iov in enumerate(w.one_by_one()):
+                    try:
+                        self._write_one(iov)
+                    except OSError as exc:
+                        return self._write_failed(writes, k, j, exc)
             return len(bufs)
 
-    def _write_apart(self, w: Write) -> None:
-        """Write the packets of *w* one by one (GSO_NONE), dropping and counting refusals."""
-        for iov in w.one_by_one():
-            self._write_one(iov)
+    def _write_failed(self, writes: list[Write], k: int, j: int, exc: OSError) -> int:
+        """What :meth:`write` returns when ``writes[k]`` failed with *exc* after *j* of its
+        packets (written one by one) and every earlier write were handled.
+
+        Raises:
+            OSError: *exc*, when no packet was handled.
+        """
+        handled = [i for w in writes[:k] for i in w.indices]
+        handled += writes[k].indices[:j]
+        if not handled:
+            raise exc
+        count = max(handled) + 1
+        lost = sum(i < count for i in writes[k].indices[j:])
+        lost += sum(i < count for w in writes[k + 1 :] for i in w.indices)
+        if lost:
+            # Below the count but never sent: dropped, and the error that cost
+            # them is raised by the next call. (With none lost, the caller's
+            # retry starts with the packet that failed, and meets the error
+            # or sends it.)
+            self._dropped_write += lost
+            self._write_error = exc
+        return count
 
     def _was_refused(self, gso_type: int) -> bool:
         """Whether the kernel refused a super-packet of *gso_type*'s kind before."""
@@ -255,7 +291,7 @@ class GsoNativeTun(NativeTun):
     def _write_one(self, iov: list[memoryview]) -> None:
         """Write one packet (header and packet in *iov*), dropping and counting a refusal."""
         try:
-            n = self._fd.writev_locked(iov)
+            n = self._fd.call_locked(_writev, iov, "write")
         except OSError as exc:
             if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
                 raise
@@ -294,16 +330,6 @@ class GsoNativeTun(NativeTun):
         if len(sizes) < len(bufs):
             raise ValueError(f"read_gso with {len(sizes)} sizes for {len(bufs)} buffers")
         io = self._io
-        if io is not None and not self._pending and self._read_error is None:
-            # The whole batch in one C call (PacketIo.read_gso): the reads,
-            # the header checks and the counters, with the GIL released once.
-            stored, err = io.read_gso(bufs, sizes, offset - VNET_HDR_LEN, self._overflow)
-            if err:
-                exc = self._fd.errno_failure(err, "read")
-                if not stored:
-                    raise exc
-                self._read_error = exc
-            return stored
         want = len(bufs)
         fd = self._fd
         overflow = self._overflow
@@ -312,19 +338,32 @@ class GsoNativeTun(NativeTun):
             if self._read_error is not None:
                 error, self._read_error = self._read_error, None
                 raise error
+            if io is not None and not self._pending:
+                # The whole batch in one C call (PacketIo.read_gso): the reads,
+                # the header checks and the counters, with the GIL released
+                # once. Under the read lock all the same, as every read is:
+                # the error it keeps and read()'s _pending are this lock's.
+                stored, err = io.read_gso(bufs, sizes, at, overflow)
+                if err:
+                    exc = fd.errno_failure(err, "read")
+                    if not stored:
+                        raise exc
+                    self._read_error = exc
+                return stored
             stored = 0
             while stored < want:
                 room = byte_view(bufs[stored], at)
+                iov: list[WriteableBuffer] = [room, overflow]
                 if self._pending:
                     # Left by read(): hand it on whole if it fits.
                     n, self._pending = self._pending, 0
                     if n <= len(room):
                         room[:n] = self._rview[:n]
                 elif not stored:
-                    n = fd.readv_locked([room, overflow])
+                    n = fd.call_locked(_readv, iov, "read")
                 else:
                     try:
-                        n = fd.try_readv_locked([room, overflow])
+                        n = fd.call_locked(_readv, iov, "read", block=False)
                     except OSError as exc:
                         self._read_error = exc
                         return stored
@@ -356,94 +395,103 @@ class GsoNativeTun(NativeTun):
         refuses (EINVAL, a kernel without USO say) is split and written
         segment by segment, and that kind is split first from then on
         (``stats().gro_refused``): nothing is lost. Other refusals are
-        dropped and counted as in :meth:`write`. When another error hits
-        after some packets went out, returns how many were handled.
+        dropped and counted as in :meth:`write`. The packets go out in order:
+        when another error hits after some went out, returns how many were
+        handled, and the caller's retry starts with the one that failed. (If
+        it failed between the segments of a split super-packet, that one
+        counts as handled, its other segments are dropped and counted, and
+        the error is raised by the next call: a retry sends no segment twice.)
 
         Raises:
             OffsetError: *offset* is below ``mwo()``.
             ClosedError: the device is closed, or closes during the call.
-            OSError: any other refusal of the first packet.
+            OSError: any other refusal of the first packet, or the error kept
+                by the call before.
         """
         if offset < HEADROOM:
             check_offset("write", offset, HEADROOM)
         io = self._io
         if io is None:
             return self._write_gso_pure(bufs, offset)
-        # The batch in C (PacketIo.write_gso); a packet it hands back (a kind
-        # the kernel refused, or an error) goes through the Python path alone.
+        if self._write_error is not None:  # a hint: _write_gso_pure raises it, under the lock
+            return self._write_gso_pure(bufs, offset)
+        # The batch in C (PacketIo.write_gso). A packet it hands back (a kind
+        # the kernel refused, before or now) and the rest of the batch go the
+        # Python way: each packet is handled once, whatever number of them
+        # are handed back.
+        n, err = io.write_gso(bufs, offset - VNET_HDR_LEN, self._refused)
+        if not err:
+            return n
+        if err == _SPLIT_FIRST or err == -errno.EINVAL:
+            return self._write_gso_pure(bufs, offset, n, refused=err == -errno.EINVAL)
+        if n:
+            return n  # in order: the caller's retry starts with the packet that failed
+        raise self._fd.errno_failure(err, "write")
+
+    def _write_gso_pure(
+        self, bufs: Sequence[ReadableBuffer], offset: int, done: int = 0, refused: bool = False
+    ) -> int:
+        """:meth:`write_gso` in Python, from ``bufs[done]`` on; return the count handled.
+
+        *refused*: the kernel has just refused ``bufs[done]`` (EINVAL), a super-packet.
+        """
+        call = self._fd.call_locked
         at = offset - VNET_HDR_LEN
-        total = len(bufs)
-        done = 0
-        while done < total:
-            rest = bufs if not done else list(itertools.islice(bufs, done, None))
-            n, err = io.write_gso(rest, at, self._refused)
-            done += n
-            if err == 0 or err == -errno.EINTR:
-                continue
-            if err != _SPLIT_FIRST and err != -errno.EINVAL:
-                exc = self._fd.errno_failure(err, "write")
+        with self._write_lock:
+            if self._write_error is not None:
+                error, self._write_error = self._write_error, None
                 if done:
-                    return done  # the caller's retry meets the error
-                raise exc
-            # A super-packet of a kind the kernel refused before, or refuses
-            # now (EINVAL): split and written segment by segment, as in
-            # _write_gso_pure; the first refusal of a kind turns it off.
-            data = byte_view(bufs[done], at)
-            with self._write_lock:
+                    self._write_error = error  # still the next call's
+                    return done
+                raise error
+            for i in range(done, len(bufs)):
+                data = byte_view(bufs[i], at)
+                kind = data[1] & ~VIRTIO_NET_HDR_GSO_ECN if len(data) > 1 else 0
+                gso = kind != VIRTIO_NET_HDR_GSO_NONE
                 try:
-                    if self._write_split(data) and err != _SPLIT_FIRST:
-                        self._refuse(data[1])
+                    apart = gso and (refused or self._was_refused(kind))
+                    if not apart:
+                        try:
+                            call(_write, data, "write")
+                        except OSError as exc:
+                            if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
+                                raise
+                            apart = gso and exc.errno == errno.EINVAL
+                            if not apart:
+                                self._dropped_write += 1
+                        else:
+                            self._count_written(data)
+                    # A kind refused before is split first; the first refusal
+                    # of a kind turns it off.
+                    if apart and self._write_split(data) and not self._was_refused(kind):
+                        self._refuse(kind)
                 except OSError:
                     if done:
-                        return done
+                        return done  # in order: the caller's retry starts with this one
                     raise
-            done += 1
+                refused = False
+                done += 1
+                if self._write_error is not None:
+                    return done  # a split that failed after some segments went out
         return done
 
-    def _write_gso_pure(self, bufs: Sequence[ReadableBuffer], offset: int) -> int:
-        write = self._fd.write_locked
-        at = offset - VNET_HDR_LEN
-        done = 0
-        with self._write_lock:
-            for buf in bufs:
-                data = byte_view(buf, at)
-                kind = data[1] & ~VIRTIO_NET_HDR_GSO_ECN if len(data) > 1 else 0
-                try:
-                    if kind != VIRTIO_NET_HDR_GSO_NONE and self._was_refused(kind):
-                        self._write_split(data)
-                        done += 1
-                        continue
-                    try:
-                        write(data)
-                    except OSError as exc:
-                        if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
-                            raise
-                        if exc.errno == errno.EINVAL and kind != VIRTIO_NET_HDR_GSO_NONE:
-                            if self._write_split(data):
-                                self._refuse(kind)
-                        else:
-                            self._dropped_write += 1
-                        done += 1
-                        continue
-                except OSError:
-                    if done:
-                        return done  # the caller's retry meets the error
-                    raise
-                done += 1
-                segments, hdr_len = gso_segments(data)
-                if hdr_len:
-                    self._gso_written += 1
-                segments = segments or 1  # not ours to judge: the kernel took it
-                ip_len = len(data) - VNET_HDR_LEN
-                self._packets_written += segments
-                self._bytes_written += ip_len + (segments - 1) * hdr_len
-        return done
+    def _count_written(self, data: memoryview) -> None:
+        """Count what a whole kernel packet (header + packet) written as it is carried."""
+        segments, hdr_len = gso_segments(data)
+        if hdr_len:
+            self._gso_written += 1
+        segments = segments or 1  # not ours to judge: the kernel took it
+        self._packets_written += segments
+        self._bytes_written += len(data) - VNET_HDR_LEN + (segments - 1) * hdr_len
 
     def _write_split(self, data: memoryview) -> bool:
         """Split super-packet *data* (header + packet) and write the segments one by one.
 
         Returns whether it could be split; one that cannot is dropped and
         counted in ``dropped_write``. Called with the write lock held.
+
+        Raises:
+            OSError: the first segment's write failed (nothing went out).
         """
         segments, hdr_len = gso_segments(data)
         if not segments:
@@ -463,5 +511,15 @@ class GsoNativeTun(NativeTun):
             return False
         for i in range(count):
             seg = memoryview(self._seg_bufs[i])[: VNET_HDR_LEN + self._seg_sizes[i]]
-            self._write_one([seg])
+            try:
+                self._write_one([seg])
+            except OSError as exc:
+                if not i:
+                    raise
+                # Part of it went out: the super-packet was handled (a retry
+                # must not send those segments again); the rest is dropped,
+                # and the error that cost it is raised by the next call.
+                self._dropped_write += count - i
+                self._write_error = exc
+                break
         return True

@@ -57,6 +57,7 @@ from .constants import (
     RTM_NEWLINK,
     RTMGRP_LINK,
 )
+from .fd import CloseOnce
 
 __all__ = [
     "Interface",
@@ -190,8 +191,8 @@ class LinkMonitor:
         self._state = state
         self._seq = itertools.count(2)
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closed = False  # guarded by _lock
+        self._closed = False  # set once by close()
+        self._once = CloseOnce()
 
     @classmethod
     def open(cls, ns: int | str | None, name: str) -> LinkMonitor:
@@ -295,18 +296,22 @@ class LinkMonitor:
                         on_state(payload)
 
     def close(self) -> None:
-        """Stop and join the event thread, close the socket and eventfd; idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        os.eventfd_write(self._wake, 1)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        if self._sock is not None:
-            self._sock.close()
-        os.close(self._wake)
+        """Stop and join the event thread, close the socket and eventfd; idempotent.
 
+        A close() that meets one under way on another thread returns when that one is done.
+        """
+        if not self._once.begin():
+            return
+        self._closed = True
+        try:
+            os.eventfd_write(self._wake, 1)
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join()
+            if self._sock is not None:
+                self._sock.close()
+            os.close(self._wake)
+        finally:
+            self._once.end()
 
 def _getlink(sock: socket.socket, name: str, seq: int = 1) -> memoryview:
     """Ask *sock*'s namespace for link *name*; return the ifinfomsg body of the answer.

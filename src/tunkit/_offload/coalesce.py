@@ -128,16 +128,16 @@ class Write(NamedTuple):
         first: index in the batch of ``packets[0]``.
         gso: whether this is a coalesced super-packet (``len(packets) > 1``);
             a kernel may refuse one with ``EINVAL`` (no USO, say).
-        prefix: how many packets at the head of the batch are sent once this
-            write and every earlier one succeeded: the count a device's
-            ``write`` returns when it stops after this write.
+        indices: the index in the batch of each packet of :attr:`packets`,
+            in order (ascending): what a device's ``write`` needs to say
+            which packets of the batch went out when it stops after a write.
     """
 
     iov: list[memoryview]
     packets: list[memoryview]
     first: int
     gso: bool
-    prefix: int
+    indices: tuple[int, ...]
 
     def one_by_one(self) -> list[list[memoryview]]:
         """Return the iovecs that send this write's packets one by one (GSO_NONE)."""
@@ -410,8 +410,6 @@ class Coalescer:  # not final: _impl.NativeCoalescer plans the same writes in C
             # A new buffer, not a resize: views of the old one may still exist.
             self._scratch = bytearray(n_gso * _SLOT_LEN * 2)
         scratch = memoryview(self._scratch)
-        sent = bytearray(len(bufs))  # 1 for each packet covered by a write so far
-        prefix = 0
         slot = 0
         writes: list[Write] = []
         for entry in entries:
@@ -421,17 +419,12 @@ class Coalescer:  # not final: _impl.NativeCoalescer plans the same writes in C
                     pkt = byte_view(bufs[entry], offset)
                 else:
                     first, pkt = entry.first, entry.head
-                write = Write([ZERO_VNET_HDR, pkt], [pkt], first, False, 0)
-                sent[first] = 1
+                writes.append(Write([ZERO_VNET_HDR, pkt], [pkt], first, False, (first,)))
             else:
                 iov = _patch(entry, scratch[slot * _SLOT_LEN : (slot + 1) * _SLOT_LEN])
                 slot += 1
-                write = Write(iov, entry.packets, entry.first, True, 0)
-                for i in entry.indices:
-                    sent[i] = 1
-            while prefix < len(sent) and sent[prefix]:
-                prefix += 1
-            writes.append(write._replace(prefix=prefix))
+                indices = tuple(entry.indices)
+                writes.append(Write(iov, entry.packets, entry.first, True, indices))
         return writes
 
 

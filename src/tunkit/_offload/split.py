@@ -11,8 +11,12 @@ that the kernel's own software GSO (``tcp_gso_segment``,
 Nothing the kernel says is trusted: ``hdr_len``, ``csum_start``,
 ``csum_offset``, the IPv4 IHL and the TCP data offset are checked against the
 packet's length. ``hdr_len`` is not used at all: on the forwarding path the
-kernel may set it to the whole first segment, so the header length comes from
-``csum_start`` and the transport header itself, as wireguard-go does.
+kernel may set it to the whole first segment. The header length comes from
+the packet itself: the IP header's (IHL, or 40 for IPv6, which may carry no
+extension header) plus the transport header's (the TCP data offset, or 8 for
+UDP). With ``VIRTIO_NET_HDR_F_NEEDS_CSUM``, ``csum_start`` must equal that IP
+header length and ``csum_offset`` name the transport checksum field; a
+packet whose header says otherwise is malformed.
 """
 
 from __future__ import annotations

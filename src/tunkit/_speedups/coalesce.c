@@ -406,15 +406,14 @@ patch_group(const batch_t *b, const group_t *g, uint8_t *slot)
  * tuple.__new__ would, without calling the class's Python __new__. */
 static PyObject *
 new_write(state_t *st, PyObject *iov, PyObject *packets, Py_ssize_t first, int gso,
-          Py_ssize_t prefix)
+          PyObject *indices)
 {
     PyTypeObject *tp = (PyTypeObject *)st->write_cls;
     PyObject *first_o = PyLong_FromSsize_t(first);
-    PyObject *prefix_o = PyLong_FromSsize_t(prefix);
-    PyObject *w = (first_o && prefix_o) ? tp->tp_alloc(tp, WRITE_FIELDS) : NULL;
+    PyObject *w = first_o ? tp->tp_alloc(tp, WRITE_FIELDS) : NULL;
     if (w == NULL) {
         Py_XDECREF(first_o);
-        Py_XDECREF(prefix_o);
+        Py_DECREF(indices);
         Py_DECREF(iov);
         Py_DECREF(packets);
         return NULL;
@@ -425,7 +424,7 @@ new_write(state_t *st, PyObject *iov, PyObject *packets, Py_ssize_t first, int g
     PyTuple_SET_ITEM(w, 1, packets);
     PyTuple_SET_ITEM(w, 2, first_o);
     PyTuple_SET_ITEM(w, 3, gso_o);
-    PyTuple_SET_ITEM(w, 4, prefix_o);
+    PyTuple_SET_ITEM(w, 4, indices);
     return w;
 }
 
@@ -489,9 +488,8 @@ build_writes(state_t *st, batch_t *b, PyObject **views)
         }
     }
     PyObject *writes = PyList_New(b->n_entries);
-    uint8_t *sent = PyMem_Calloc((size_t)b->n + 1, 1);
     PyObject *scratch = NULL, *scratch_view = NULL;
-    if (writes == NULL || sent == NULL) {
+    if (writes == NULL) {
         goto fail;
     }
     if (n_gso > 0) {
@@ -506,10 +504,10 @@ build_writes(state_t *st, batch_t *b, PyObject **views)
             goto fail;
         }
     }
-    Py_ssize_t prefix = 0, slot = 0;
+    Py_ssize_t slot = 0;
     for (Py_ssize_t e = 0; e < b->n_entries; e++) {
         int32_t entry = b->entries[e];
-        PyObject *iov, *packets;
+        PyObject *iov, *packets, *indices;
         Py_ssize_t first;
         int gso = 0;
         if (entry < 0 || b->groups[entry].count == 1) {
@@ -517,9 +515,11 @@ build_writes(state_t *st, batch_t *b, PyObject **views)
             PyObject *pkt = views[first];
             iov = PyList_New(2);
             packets = PyList_New(1);
-            if (iov == NULL || packets == NULL) {
+            indices = Py_BuildValue("(n)", first);
+            if (iov == NULL || packets == NULL || indices == NULL) {
                 Py_XDECREF(iov);
                 Py_XDECREF(packets);
+                Py_XDECREF(indices);
                 goto fail;
             }
             Py_INCREF(st->zero_hdr);
@@ -528,7 +528,6 @@ build_writes(state_t *st, batch_t *b, PyObject **views)
             PyList_SET_ITEM(iov, 1, pkt);
             Py_INCREF(pkt);
             PyList_SET_ITEM(packets, 0, pkt);
-            sent[first] = 1;
         }
         else {
             const group_t *g = &b->groups[entry];
@@ -539,9 +538,10 @@ build_writes(state_t *st, batch_t *b, PyObject **views)
             patch_group(b, g, slot_mem);
             iov = PyList_New(2 + g->count);
             packets = PyList_New(g->count);
+            indices = PyTuple_New(g->count);
             PyObject *payload_slice = slice_from(head->hdr_len);
             PyObject *vnet = NULL, *hdrs = NULL;
-            if (iov && packets && payload_slice) {
+            if (iov && packets && indices && payload_slice) {
                 vnet = PySequence_GetSlice(scratch_view, slot * SLOT_LEN,
                                            slot * SLOT_LEN + VNET_HDR_LEN);
                 hdrs = vnet ? PySequence_GetSlice(scratch_view, slot * SLOT_LEN + VNET_HDR_LEN,
@@ -553,6 +553,7 @@ build_writes(state_t *st, batch_t *b, PyObject **views)
                 Py_XDECREF(payload_slice);
                 Py_XDECREF(iov);
                 Py_XDECREF(packets);
+                Py_XDECREF(indices);
                 goto fail;
             }
             slot++;
@@ -561,23 +562,23 @@ build_writes(state_t *st, batch_t *b, PyObject **views)
             Py_ssize_t j = 0;
             for (int32_t i = g->head; i >= 0; i = b->pk[i].next, j++) {
                 PyObject *payload = PyObject_GetItem(views[i], payload_slice);
-                if (payload == NULL) {
+                PyObject *index = payload ? PyLong_FromLong(i) : NULL;
+                if (index == NULL) {
+                    Py_XDECREF(payload);
                     Py_DECREF(payload_slice);
                     Py_DECREF(iov); /* the unset items are NULL: safe */
                     Py_DECREF(packets);
+                    Py_DECREF(indices);
                     goto fail;
                 }
                 PyList_SET_ITEM(iov, 2 + j, payload);
                 Py_INCREF(views[i]);
                 PyList_SET_ITEM(packets, j, views[i]);
-                sent[i] = 1;
+                PyTuple_SET_ITEM(indices, j, index);
             }
             Py_DECREF(payload_slice);
         }
-        while (prefix < b->n && sent[prefix]) {
-            prefix++;
-        }
-        PyObject *w = new_write(st, iov, packets, first, gso, prefix);
+        PyObject *w = new_write(st, iov, packets, first, gso, indices);
         if (w == NULL) {
             goto fail;
         }
@@ -585,12 +586,10 @@ build_writes(state_t *st, batch_t *b, PyObject **views)
     }
     Py_XDECREF(scratch_view);
     Py_XDECREF(scratch);
-    PyMem_Free(sent);
     return writes;
 fail:
     Py_XDECREF(scratch_view);
     Py_XDECREF(scratch);
-    PyMem_Free(sent);
     Py_XDECREF(writes);
     return NULL;
 }

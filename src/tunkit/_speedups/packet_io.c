@@ -14,10 +14,12 @@
 #include "tunkit.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <poll.h>
 #include <stdatomic.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
 /* write_gso's *refused*: the kinds of super-packet the kernel refused, as
@@ -37,17 +39,31 @@
  * on the wake-up eventfd that close() makes readable, the check of each
  * packet of a batch (gso_check) and the counters. Errors come back as
  * -errno, in place of the byte count (read, write) or beside the count of
- * packets done (read_gso, write_gso), so that a refusal the caller drops and
- * counts costs no exception; -EBADF once closing has begun.
+ * packets done (read_gso, write_gso); -EBADF once closing has begun.
+ *
+ * One rule each, here for all four calls:
+ * - A packet the kernel refuses on write (EIO: the link is down; EINVAL for
+ *   a packet that is not a super-packet: not IP) is dropped and counted by
+ *   PacketIo itself (dropped_write); write returns 0 for it, write_gso goes
+ *   on. EINVAL for a super-packet is the caller's: the kernel lacks that
+ *   offload, and the caller splits it.
+ * - EINTR (poll() interrupted by a signal) before any progress runs the
+ *   signal handlers outside the count of calls (io_settle), then the call
+ *   goes on; after progress it is no error: the call returns what it did,
+ *   and the handlers run as soon as the caller's Python goes on.
+ * - Drops are counted the moment they happen (atomic counters, without the
+ *   GIL), so that stats() is current while a read is blocked; packets and
+ *   bytes when the call hands them over, with the GIL.
  *
  * On the Python path, the per-direction locks of _Descriptor (_linux/fd.py)
  * are what keep a descriptor number from being closed under a system call;
  * here a count of calls in progress does it, at the cost of two atomic
  * operations: a call counts itself in, then looks at `closing`; drain() sets
  * `closing`, then waits for the count to reach zero (both sequentially
- * consistent, so one of the two sees the other). After drain() no call
- * touches the numbers again, and the owner may close them. The count is
- * never held while Python code runs (a signal handler may call close()).
+ * consistent, so one of the two sees the other). drain() sleeps on the count
+ * (a futex) and the last call out wakes it. After drain() no call touches
+ * the numbers again, and the owner may close them. The count is never held
+ * while Python code runs (a signal handler may call close()).
  */
 
 typedef struct {
@@ -57,17 +73,32 @@ typedef struct {
     int ready; /* __init__ ran (once: a second one could reset the count) */
     atomic_int users;
     atomic_int closing;
+    /* Drops: counted as they happen, without the GIL (relaxed: counters only). */
+    atomic_ullong too_big;
+    atomic_ullong malformed;
+    atomic_ullong dropped_write;
     /* Counters: written with the GIL held, by the calls that own them. */
     unsigned long long packets_read;
     unsigned long long bytes_read;
-    unsigned long long too_big;
-    unsigned long long malformed;
     unsigned long long gso_read;
     unsigned long long packets_written;
     unsigned long long bytes_written;
-    unsigned long long dropped_write;
     unsigned long long gso_written;
 } packet_io_t;
+
+static inline void
+count_drop(atomic_ullong *counter)
+{
+    atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
+}
+
+/* Whether the kernel's -errno *n* for a written packet means "dropped" (see
+ * above); *gso*: the packet is a super-packet. */
+static inline int
+write_dropped(Py_ssize_t n, int gso)
+{
+    return n == -EIO || (n == -EINVAL && !gso);
+}
 
 /* Count a call in; false (and not counted) once closing has begun. */
 static inline int
@@ -84,7 +115,10 @@ io_enter(packet_io_t *self)
 static inline void
 io_leave(packet_io_t *self)
 {
-    atomic_fetch_sub(&self->users, 1);
+    if (atomic_fetch_sub(&self->users, 1) == 1 && atomic_load(&self->closing)) {
+        /* The last call out, while drain() waits: wake it. */
+        syscall(SYS_futex, (int *)&self->users, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    }
 }
 
 /* Wait until fd has `events` or wake is readable: 0, or -errno (-EBADF: woken). */
@@ -144,6 +178,22 @@ io_settle(packet_io_t *self, Py_ssize_t *n)
         return 0;
     }
     return 1;
+}
+
+/* io_settle for a batch (read_gso, write_gso) that made *progress* packets:
+ * -EINTR after progress is no error (see above). 1: go again (*err is 0);
+ * 0: done; -1: raised. */
+static int
+io_settle_batch(packet_io_t *self, Py_ssize_t progress, Py_ssize_t *err)
+{
+    if (*err == -EINTR && progress) {
+        *err = 0;
+    }
+    int go = io_settle(self, err);
+    if (go > 0) {
+        *err = 0;
+    }
+    return go;
 }
 
 static PyObject *
@@ -218,18 +268,16 @@ pio_read(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
                            {over.buf, (size_t)over.len}};
     Py_ssize_t room = buf.len - offset;
     Py_ssize_t n = -EBADF;
-    unsigned long long too_big = 0;
     int fd = self->fd, wake = self->wake;
     int go = io_enter(self);
     while (go > 0) {
         Py_BEGIN_ALLOW_THREADS
         while ((n = io_wait_call(fd, wake, POLLIN, iov, 2)) > room) {
-            too_big++; /* it did not fit: gone, read the next */
+            count_drop(&self->too_big); /* it did not fit: gone, read the next */
         }
         Py_END_ALLOW_THREADS
         go = io_settle(self, &n);
     }
-    self->too_big += too_big;
     if (n >= 0) {
         self->packets_read++;
         self->bytes_read += (unsigned long long)n;
@@ -243,7 +291,9 @@ PyDoc_STRVAR(pio_write_doc,
 "write(buf, offset)\n--\n\n"
 "Write buf[offset:] as one packet (empty when offset is past the end); wait\n"
 "in poll() on the descriptor and the eventfd while the kernel is full.\n"
-"Return the bytes written, or -errno; -EBADF once closing has begun.");
+"Return the bytes written; 0 when the kernel refused the packet (EIO,\n"
+"EINVAL), which is dropped and counted (dropped_write); or -errno, -EBADF\n"
+"once closing has begun.");
 
 static PyObject *
 pio_write(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
@@ -274,10 +324,14 @@ pio_write(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     while (go > 0) {
         Py_BEGIN_ALLOW_THREADS
         n = io_wait_call(fd, wake, POLLOUT, &iov, 1);
+        if (write_dropped(n, 0)) {
+            count_drop(&self->dropped_write);
+            n = 0;
+        }
         Py_END_ALLOW_THREADS
         go = io_settle(self, &n);
     }
-    if (n >= 0) {
+    if (n > 0) {
         self->packets_written++;
         self->bytes_written += (unsigned long long)n;
     }
@@ -485,7 +539,7 @@ pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_NoMemory();
     }
     Py_ssize_t stored = 0, err = 0;
-    unsigned long long too_big = 0, malformed = 0, packets = 0, bytes = 0, gso = 0;
+    unsigned long long packets = 0, bytes = 0, gso = 0;
     int fd = self->fd, wake = self->wake;
     int go = io_enter(self);
     if (!go) {
@@ -513,13 +567,13 @@ pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
                 break;
             }
             if (n > room) {
-                too_big++;
+                count_drop(&self->too_big);
                 continue;
             }
             Py_ssize_t hdr_len;
             Py_ssize_t segments = gso_check((const uint8_t *)v->buf + start, n, &hdr_len);
             if (segments == 0) {
-                malformed++;
+                count_drop(&self->malformed);
                 continue;
             }
             Py_ssize_t ip_len = n - VNET_HDR_LEN;
@@ -529,24 +583,11 @@ pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
             gso += hdr_len != 0;
         }
         Py_END_ALLOW_THREADS
-        go = 0;
-        if (err == -EINTR && stored == 0) {
-            Py_ssize_t r = -EINTR;
-            go = io_settle(self, &r); /* signal handlers, then again */
-            err = go == 0 ? r : 0;
-        }
-        else {
-            if (err == -EINTR) {
-                err = 0; /* the handlers run when the caller's Python goes on */
-            }
-            io_leave(self);
-        }
+        go = io_settle_batch(self, stored, &err);
     }
     if (go > 0) {
         io_leave(self); /* no buffers */
     }
-    self->too_big += too_big;
-    self->malformed += malformed;
     PyObject *result = NULL;
     if (go >= 0) {
         Py_ssize_t i = 0;
@@ -577,7 +618,8 @@ PyDoc_STRVAR(pio_write_gso_doc,
 "write_gso(bufs, at, refused)\n--\n\n"
 "Write each bufs[i][at:] (virtio-net header, then the packet) whole, one\n"
 "system call each. Refused by the kernel (EIO; EINVAL for a GSO_NONE\n"
-"packet): dropped and counted (dropped_write). Return (done, err): done\n"
+"packet): dropped and counted (dropped_write), and the call goes on.\n"
+"Return (done, err): done\n"
 "packets were handled; when done < len(bufs), bufs[done] is the caller's:\n"
 "err 1 for a super-packet of a kind in *refused* (bit 1: TCP, bit 2: UDP),\n"
 "else -errno of its write (-EINVAL: the kernel refused a super-packet;\n"
@@ -605,7 +647,7 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t done = 0, err = 0;
-    unsigned long long packets = 0, bytes = 0, gso = 0, dropped = 0;
+    unsigned long long packets = 0, bytes = 0, gso = 0;
     int fd = self->fd, wake = self->wake;
     int go = io_enter(self);
     if (!go) {
@@ -628,8 +670,8 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
             struct iovec iov = {(void *)data, (size_t)len};
             Py_ssize_t n = io_wait_call(fd, wake, POLLOUT, &iov, 1);
             if (n < 0) {
-                if (n == -EIO || (n == -EINVAL && kind == VIRTIO_NET_HDR_GSO_NONE)) {
-                    dropped++;
+                if (write_dropped(n, kind != VIRTIO_NET_HDR_GSO_NONE)) {
+                    count_drop(&self->dropped_write);
                     done++;
                     continue;
                 }
@@ -647,15 +689,7 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
             done++;
         }
         Py_END_ALLOW_THREADS
-        go = 0;
-        if (err == -EINTR && done == 0) {
-            Py_ssize_t r = -EINTR;
-            go = io_settle(self, &r); /* signal handlers, then again */
-            err = go == 0 ? r : 0;
-        }
-        else {
-            io_leave(self); /* -EINTR after progress: the caller goes on */
-        }
+        go = io_settle_batch(self, done, &err);
     }
     if (go > 0) {
         io_leave(self); /* no buffers */
@@ -663,7 +697,6 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     self->packets_written += packets;
     self->bytes_written += bytes;
     self->gso_written += gso;
-    self->dropped_write += dropped;
     release_bufs(views, count);
     return go < 0 ? NULL : Py_BuildValue("(nn)", done, err);
 }
@@ -671,22 +704,22 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
 PyDoc_STRVAR(pio_drain_doc,
 "drain()\n--\n\n"
 "Refuse new calls (they return -EBADF) and wait for those in progress to\n"
-"return; idempotent. Make the eventfd readable first, or a call waiting in\n"
-"poll() keeps this waiting.");
+"return (asleep: the last one out wakes it); idempotent. Make the eventfd\n"
+"readable first, or a call waiting in poll() keeps this waiting.");
 
 static PyObject *
 pio_drain(packet_io_t *self, PyObject *Py_UNUSED(ignored))
 {
     atomic_store(&self->closing, 1);
-    if (atomic_load(&self->users) == 0) {
+    int users = atomic_load(&self->users);
+    if (users == 0) {
         Py_RETURN_NONE;
     }
     Py_BEGIN_ALLOW_THREADS
-    while (atomic_load(&self->users) != 0) {
-        /* A call here has been woken and is on its way out: a few
-         * microseconds, so a short sleep rather than a condition variable. */
-        struct timespec ts = {0, 50 * 1000};
-        nanosleep(&ts, NULL);
+    while (users != 0) {
+        /* Sleeps unless the count is no longer `users` (then look again). */
+        syscall(SYS_futex, (int *)&self->users, FUTEX_WAIT_PRIVATE, users, NULL, NULL, 0);
+        users = atomic_load(&self->users);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -701,9 +734,11 @@ pio_counts(packet_io_t *self, PyObject *Py_UNUSED(ignored))
 {
     return Py_BuildValue(
         "{sKsKsKsKsKsKsKsKsK}", "packets_read", self->packets_read, "bytes_read",
-        self->bytes_read, "dropped_too_big", self->too_big, "dropped_malformed", self->malformed,
-        "gso_read", self->gso_read, "packets_written", self->packets_written, "bytes_written",
-        self->bytes_written, "dropped_write", self->dropped_write, "gso_written",
+        self->bytes_read, "dropped_too_big", atomic_load_explicit(&self->too_big,
+        memory_order_relaxed), "dropped_malformed", atomic_load_explicit(&self->malformed,
+        memory_order_relaxed), "gso_read", self->gso_read, "packets_written",
+        self->packets_written, "bytes_written", self->bytes_written, "dropped_write",
+        atomic_load_explicit(&self->dropped_write, memory_order_relaxed), "gso_written",
         self->gso_written);
 }
 

@@ -143,7 +143,7 @@
  * (TCP_SRC_PORT, TCP_DST_PORT; UDP_SRC_PORT, UDP_DST_PORT), a flow's key. */
 #define L4_PORTS_LEN 4
 
-/* coalesce.Write, a NamedTuple: iov, packets, first, gso, prefix. */
+/* coalesce.Write, a NamedTuple: iov, packets, first, gso, indices. */
 #define WRITE_FIELDS 5
 
 /* ------------------------------------------------------------------------ */

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 def _native_demo(args: argparse.Namespace, console: Console) -> int:
     from .._linux.device import NativeTun
-    from .demo_native import run_native_demo
+    from .demo_native import forwarder_errors, run_native_demo
 
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -125,15 +125,24 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
     flows = Table(title=f"tunkit real-device demo (offload {'on' if result.offload else 'off'})")
     for name in ("direction", "packets", "bytes", "super-packets", "dropped", "errors"):
         flows.add_column(name, justify="left" if name == "direction" else "right")
-    for label, src, dst in (("A → B", result.a_stats, result.b_stats),
-                            ("B → A", result.b_stats, result.a_stats)):
+    directions = (("A → B", result.a_stats, result.b_stats, result.a2b),
+                  ("B → A", result.b_stats, result.a_stats, result.b2a))
+    for label, src, dst, fwd in directions:
         if src is None or dst is None:
             continue
-        dropped = src.dropped_malformed + src.dropped_too_big + dst.dropped_write
+        dropped = src.dropped_malformed + src.dropped_too_big + dst.dropped_write + fwd.dropped
         supers = src.gso_read + src.gso_split  # passed through whole, or split on read
         flows.add_row(label, f"{src.packets_read:,}", f"{src.bytes_read:,}", f"{supers:,}",
-                      str(dropped), "0")
+                      str(dropped), str(forwarder_errors(fwd)))
     console.print(flows)
+    for label, _, _, fwd in directions:
+        if forwarder_errors(fwd) or fwd.dropped:
+            console.print(
+                f"[red]error: forwarder {label}: read errors {fwd.read_errors}, write errors "
+                f"{fwd.write_errors}, packets dropped {fwd.dropped}"
+                + (f"; last: {fwd.last_error}" if fwd.last_error else "") + "[/red]",
+                highlight=False,
+            )
     console.print(
         f"TCP A → B: {result.tcp_bytes / 1e6:,.1f} MB in {result.tcp_seconds:.1f} s = "
         f"[bold]{result.gbit_s:.2f} Gbit/s[/bold]"

@@ -11,7 +11,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Final
 
-from .._forwarder import Point2Point
+from .._forwarder import ForwarderStats, Point2Point
 from .._linux.device import NativeTun, TunStats, create_tun
 from .._linux.netns import create_netns, delete_netns, unique_netns_name
 from .._pool import Pool
@@ -87,6 +87,9 @@ class NativeDemoResult:
     tcp_error: str = ""
     a_stats: TunStats | None = None
     b_stats: TunStats | None = None
+    # What each direction's Forwarder swallowed (errors it did not raise, drops).
+    a2b: ForwarderStats = field(default_factory=ForwarderStats)
+    b2a: ForwarderStats = field(default_factory=ForwarderStats)
     offload: bool = False
 
     @property
@@ -96,7 +99,13 @@ class NativeDemoResult:
     @property
     def errors(self) -> int:
         bad = sum(1 for p in self.pings if p.error or p.received != p.sent)
+        bad += sum(forwarder_errors(f) + f.dropped for f in (self.a2b, self.b2a))
         return bad + (1 if self.tcp_error or not self.tcp_bytes else 0)
+
+
+def forwarder_errors(stats: ForwarderStats) -> int:
+    """The read and write errors a Forwarder swallowed (the demo's "errors" column)."""
+    return stats.read_errors + stats.write_errors
 
 
 def _ns_exec(ns: str, *argv: str) -> list[str]:
@@ -219,6 +228,8 @@ def run_native_demo(
             result.pings.append(_ping(ns_a, family, target, pings, tick_fn))
         say(f"TCP from {ns_a} to {ns_b} for {seconds:g} s")
         _tcp(ns_a, ns_b, seconds, result, tick_fn)
+        p2p.stop()  # what it drops on the way out counts too
+        result.a2b, result.b2a = p2p.a2b.stats(), p2p.b2a.stats()
         result.a_stats = tun_a.stats()
         result.b_stats = tun_b.stats()
     return result

@@ -1016,4 +1016,5 @@ def _assemble(w: Write, out: memoryview) -> int:
 
 def _lone(w: Write) -> list[Write]:
     """The packets of write *w*, each as a write of its own (GSO_NONE)."""
-    return [Write([ZERO_VNET_HDR, p], [p], w.first, False, w.prefix) for p in w.packets]
+    pairs = zip(w.packets, w.indices, strict=True)
+    return [Write([ZERO_VNET_HDR, p], [p], i, False, (i,)) for p, i in pairs]
