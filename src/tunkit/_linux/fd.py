@@ -222,13 +222,13 @@ class _Descriptor:
             ClosedError: close() has begun (then or while waiting).
         """
         if self._closing:
-            raise self._closed_error(direction)
+            raise self.closed_error(direction)
         poller = select.poll()
         poller.register(self.fd, events)
         poller.register(self.wake_fd, select.POLLIN)
         poller.poll(timeout_ms)
         if self._closing:
-            raise self._closed_error(direction)
+            raise self.closed_error(direction)
 
     def failure(self, exc: OSError, direction: str) -> OSError:
         """The exception to raise for *exc* from a system call of *direction* on :attr:`fd`.
