@@ -425,3 +425,76 @@ def test_the_readme_tunnel_end_talks_to_tunkit_tunnel(hosts: Hosts) -> None:
         if example.poll() is None:
             example.kill()
         example.communicate()
+
+
+def _udp_exchange(hosts: Hosts, payloads: list[bytes]) -> None:
+    """B sends each payload to A:9999 over the overlay; A answers each with its reverse."""
+    rx = ns_socket(hosts.ns_a, socket.AF_INET, socket.SOCK_DGRAM)
+    tx = ns_socket(hosts.ns_b, socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.bind((A4, 9999))
+        tx.bind((B4, 9998))
+        rx.settimeout(5)
+        tx.settimeout(5)
+        for payload in payloads:
+            tx.sendto(payload, (A4, 9999))
+            got, peer = rx.recvfrom(65536)
+            assert got == payload
+            rx.sendto(payload[::-1], peer)
+            assert tx.recvfrom(65536)[0] == payload[::-1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_pcap_records_the_devices_packets_with_their_directions(
+    hosts: Hosts, transport: str, tmp_path: Path
+) -> None:
+    from pcap_readers import scapy, tshark
+
+    pcap = tmp_path / "tunnel.pcapng"
+    a = hosts.listen(transport, "--pcap", str(pcap))
+    a.wait_for("listening on")
+    b = hosts.connect(transport)
+    b.wait_for(ready(transport))
+    a.wait_for(ready(transport))
+    assert any(f"recording the device's packets into {pcap}" in line for line in a.lines)
+    payloads = [bytes([i]) * (100 + 211 * i) for i in range(6)]
+    _udp_exchange(hosts, payloads)
+    size = 4 * 1024 * 1024
+    tcp_transfer(hosts, size, timeout=60)  # type: ignore[arg-type]
+    status, err = a.stop()
+    assert status == 0, err
+    device = a.lines[0].split()[1]  # "tunnel: tun0 in namespace ..."
+    for reader in (tshark, scapy):
+        seen = reader(pcap)
+        # A datagram from B came from the peer and was written to the device: "out";
+        # the answer was read from it on its way to the peer: "in".
+        v4 = [s for s in seen if s.data[0] >> 4 == 4]
+        udp = [s for s in v4 if len(s.data) > 28 and s.data[9] == socket.IPPROTO_UDP
+               and s.data[22:24] in (b"\x27\x0f", b"\x27\x0e")]
+        expected = [(p, "out", B4, A4) for p in payloads]
+        expected += [(p[::-1], "in", A4, B4) for p in payloads]
+        assert sorted((s.data[28:], s.direction, s.src, s.dst) for s in udp) == sorted(
+            expected), reader
+        assert {s.interface for s in seen} == {device}, reader
+        # The TCP bytes A sent left its device as super-packets; the file holds
+        # their segments, each no longer than the device's MTU, all the bytes.
+        sent = [s for s in v4 if s.data[9] == socket.IPPROTO_TCP and s.src == A4
+                and s.direction == "in"]
+        assert max(len(s.data) for s in sent) <= device_mtu(a), reader
+        ihl = [(s.data[0] & 15) * 4 for s in sent]
+        payload = sum(int.from_bytes(s.data[2:4], "big") - h - (s.data[h + 12] >> 4) * 4
+                      for s, h in zip(sent, ihl, strict=True))
+        assert size <= payload < size + 64 * 1024, reader  # retransmits are recorded too
+    total = len(tshark(pcap))
+    assert f"  --pcap: {total:,} packets recorded into {pcap}" in a.lines, a.lines[-3:]
+
+
+def test_pcap_file_that_cannot_be_written_is_one_line_before_anything(root: None) -> None:
+    proc = TunnelProc("--listen", "127.0.0.1:5555", "--pcap", "/nonexistent-tunkit/t.pcapng")
+    try:
+        assert _exit_status(proc) == 2
+        _one_line_error(proc, "--pcap /nonexistent-tunkit/t.pcapng: No such file or directory")
+        assert proc.lines == []
+    finally:
+        proc.kill()

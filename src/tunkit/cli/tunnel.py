@@ -13,6 +13,12 @@ peer was restarted), a ``--connect`` end connects again, with backoff. Each
 connection gets its own :class:`~tunkit.NativeTun` on a duplicate of the
 device's descriptor, which ``copy`` closes when the connection ends while
 the device itself stays, with its addresses and routes.
+
+With ``--pcap FILE`` the device side is recorded: each connection's device
+is wrapped by :func:`tunkit.capture`, all into one pcapng file (an interface
+block per connection, named after the device), "in" for a packet read from
+the device (on its way to the peer), "out" for one written to it (from the
+peer). Super-packets are recorded as their segments.
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ from typing import Any, Final
 
 from rich.console import Console
 
+from .._capture import CapturedTun, capture
 from .._copy import copy
 from .._errors import TunError
 from .._linux.device import NativeTun, TunStats, create_tun, open_tun
 from .._linux.netns import inside, open_netns
+from .._tun import Tun
+from ..pcap import Writer
 from ..transport.stream import MAX_FRAME, StreamTun
 from ..transport.udp import UdpTun
 from .preflight import HelpFormatter, UsageError, positive, positive_float, require
@@ -65,6 +74,10 @@ again, with backoff. Start the --listen end first: a --connect end that
 cannot reach its peer at start says so and exits 2. Give both ends the same
 --mtu.
 
+--pcap FILE records the device's packets into one pcapng file that tshark,
+Wireshark, tcpdump and scapy read: direction "in" for a packet on its way to
+the peer, "out" for one that came from it; super-packets as their segments.
+
 examples:
   # host A (192.0.2.1):
   sudo tunkit tunnel --transport tcp --listen 0.0.0.0:5555 --address 10.7.0.1/24
@@ -77,6 +90,10 @@ examples:
        --cert a.pem --key a.key --ca ca.pem
   sudo tunkit tunnel --transport tls --connect 192.0.2.1:5555 --address 10.7.0.2/24 \\
        --cert b.pem --key b.key --ca ca.pem
+
+  # see what crosses: tshark -r a.pcapng
+  sudo tunkit tunnel --transport tcp --listen 0.0.0.0:5555 --address 10.7.0.1/24 \\
+       --pcap a.pcapng
 """
 
 STREAM_MTU: Final = 9000
@@ -170,6 +187,9 @@ def add_parser(sub: Any) -> None:
                         help="tls: the authority that signed the peer's certificate (PEM)")
     tunnel.add_argument("--interval", type=positive_float, default=5.0, metavar="S",
                         help="seconds between counter lines")
+    tunnel.add_argument("--pcap", metavar="FILE",
+                        help="record the device's packets into FILE (pcapng): 'in' on their "
+                        "way to the peer, 'out' from it")
 
 
 # -- checking what was asked for -----------------------------------------------------
@@ -348,12 +368,67 @@ def _counter_line(totals: _Totals, session: _Session | None) -> str:
 # -- one connection ------------------------------------------------------------------
 
 
-class _Session:
-    """``copy(device, link)`` on a thread of its own: one connection, or the UDP transport."""
+class _Recording:
+    """``--pcap``: one file for the whole command, each connection's device captured into it."""
 
-    def __init__(self, device: NativeTun, link: StreamTun | UdpTun) -> None:
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.recorded = 0  # of the connections that ended
+        self.dropped = 0
+        self.error: Exception | None = None  # the first failure writing the file
+        self._writer: Writer | None = None
+        if path is not None:
+            try:
+                self._writer = Writer(path)
+            except OSError as exc:  # found out before any device or socket is made
+                raise UsageError(f"--pcap {path}: {exc.strerror or exc}") from None
+
+    def wrap(self, device: NativeTun) -> Tun:
+        """*device* itself, or (with --pcap) a capture of it that owns it."""
+        if self._writer is None:
+            return device
+        return capture(device, self._writer, name=device.name())
+
+    def ended(self, tun: Tun) -> None:
+        """Count what the closed *tun* recorded, if it is a capture."""
+        if isinstance(tun, CapturedTun):
+            stats = tun.capture_stats()
+            self.recorded += stats.recorded
+            self.dropped += stats.dropped
+
+    def close(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except OSError as exc:
+                self.error = self.error or exc
+
+    def summary(self) -> str | None:
+        """The closing line about the file, or None without --pcap."""
+        if self.path is None:
+            return None
+        behind = f", {self.dropped:,} left out (the capture fell behind)" if self.dropped else ""
+        failed = f"; writing {self.path} failed: {_reason(self.error)}" if self.error else ""
+        return f"  --pcap: {self.recorded:,} packets recorded into {self.path}{behind}{failed}"
+
+
+class _Session:
+    """``copy(device, link)`` on a thread of its own: one connection, or the UDP transport.
+
+    *recording* may wrap the device in a capture; ``device`` stays the
+    NativeTun (its counters), ``tun`` is what ``copy`` moves packets through.
+    """
+
+    def __init__(self, device: NativeTun, link: StreamTun | UdpTun,
+                 recording: _Recording) -> None:
         self.device = device
         self.link = link
+        self._recording = recording
+        try:
+            self.tun = recording.wrap(device)
+        except BaseException:
+            device.close()
+            raise
         self.error: BaseException | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"tunkit-tunnel:{device.name()}"
@@ -362,7 +437,7 @@ class _Session:
 
     def _run(self) -> None:
         try:
-            copy(self.device, self.link)
+            copy(self.tun, self.link)
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 
@@ -370,10 +445,15 @@ class _Session:
         return not self.thread.is_alive()
 
     def end(self) -> None:
-        """Close both ends (copy then returns) and wait for the thread."""
+        """Close both ends (copy then returns), wait for the thread, count the capture."""
         self.link.close()
+        try:
+            self.tun.close()  # a capture closes the device and writes what it holds
+        except OSError as exc:  # only a capture's file can fail here
+            self._recording.error = self._recording.error or exc
         self.device.close()
         self.thread.join()
+        self._recording.ended(self.tun)
 
 
 # -- the two roles -------------------------------------------------------------------
@@ -507,7 +587,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("--cert, --key and --ca are for --transport tls")
     if args.mtu is not None and args.mtu > MAX_FRAME:
         raise UsageError(f"--mtu {args.mtu}: a packet carries at most {MAX_FRAME} bytes")
+    recording = _Recording(args.pcap)
     with contextlib.ExitStack() as stack:
+        stack.callback(recording.close)  # last: after every connection's capture
         role: _Listener | _Connector | UdpTun
         if args.transport == "udp":
             role = stack.enter_context(_udp(endpoint, listen, args.netns, args.mtu, console))
@@ -529,15 +611,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
             _say(console, "tls: encrypted; both ends prove their certificates")
         if args.transport == "udp":
             _say(console, UDP_WARNING)
+        if args.pcap:
+            _say(console, f"recording the device's packets into {args.pcap}")
         totals = _Totals()
         started = time.monotonic()
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM: how it stops
             if isinstance(role, UdpTun):
-                _serve_udp(role, device, args, console, totals)
+                _serve_udp(role, device, args, console, totals, recording)
             else:
-                _serve(role, device, args, console, totals)
+                _serve(role, device, args, console, totals, recording)
         _say(console, f"stopped after {time.monotonic() - started:.1f} s; totals:")
         _say(console, _counter_line(totals, None))
+    summary = recording.summary()  # the file is closed: the count is final
+    if summary is not None:
+        _say(console, summary)
     return 0
 
 
@@ -583,10 +670,10 @@ def _udp(endpoint: Endpoint, listen: bool, ns: str | None, mtu: int | None,
 
 
 def _serve_udp(udp: UdpTun, device: NativeTun, args: argparse.Namespace, console: Console,
-               totals: _Totals) -> None:
+               totals: _Totals, recording: _Recording) -> None:
     """Join *device* and *udp* until KeyboardInterrupt (or a failure, which ends the command)."""
     totals.sessions = 1
-    session = _Session(device, udp)
+    session = _Session(device, udp, recording)
     peer = "the first peer heard" if args.listen else str(parse_endpoint("--connect",
                                                                          args.connect))
     _say(console, f"ready: {udp.name()} to {peer}")
@@ -603,7 +690,7 @@ def _serve_udp(udp: UdpTun, device: NativeTun, args: argparse.Namespace, console
     if session.error is not None:
         raise UsageError(f"the tunnel failed: {_reason(session.error)}")
 def _serve(role: _Listener | _Connector, device: NativeTun, args: argparse.Namespace,
-           console: Console, totals: _Totals) -> None:
+           console: Console, totals: _Totals, recording: _Recording) -> None:
     """Run connections one after another until KeyboardInterrupt."""
     mtu = device.mtu()
     stream: StreamTun | None = None
@@ -622,7 +709,7 @@ def _serve(role: _Listener | _Connector, device: NativeTun, args: argparse.Names
             while stream is None:
                 stream = (role.next_stream(mtu) if isinstance(role, _Listener)
                           else role.reconnect(mtu))
-            session = _Session(_session_device(device, args.netns), stream)
+            session = _Session(_session_device(device, args.netns), stream, recording)
             totals.sessions += 1
             _say(console, f"connected: {stream.name()}")
             stream = None
