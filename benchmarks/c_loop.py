@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from tunkit.cli import children
-from tunkit.cli.pair_load import BenchResult, _iperf, _pair, _run_setup, _tun
+from tunkit.cli.pair_load import BenchResult, iperf, _pair, _run_setup, _tun
 
 _A_ADDR, _B_ADDR = "10.214.0.1", "10.214.0.2"
 _SOURCE = Path(__file__).with_name("c_loop.c")
@@ -52,7 +52,7 @@ def run_c_loop(program: str, seconds: float, streams: int) -> BenchResult:
             assert loop.stdout is not None
             if loop.stdout.readline().strip() != "ready":
                 raise RuntimeError("the C loop did not start")
-            _iperf(result, ns_a, ns_b, [("c-loop", loop.pid)])
+            iperf(result, ns_a, ns_b, [("c-loop", loop.pid)])
         finally:
             children.end(loop)
             for fd in fds:  # the loop made the descriptions blocking; the devices expect otherwise

@@ -158,6 +158,57 @@ def test_bench_queues_runs_worker_setups_with_cpu_and_leaves_nothing(
     assert our_namespaces(proc.pid) == []
 
 
+@pytest.mark.timeout(240)
+def test_bench_tunnel_measures_every_setup_with_its_processes_and_leaves_nothing(
+    root: None, tmp_path: Path,
+) -> None:
+    need_tool("iperf3")
+    out_json = tmp_path / "tunnel.json"
+    seconds = 2
+    proc = subprocess.Popen(
+        [*TUNKIT, "bench", "tunnel", "--seconds", str(seconds), "--json", str(out_json)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV80,
+    )
+    with _watching(proc) as watch:
+        deadline = time.monotonic() + 220
+        while proc.poll() is None and time.monotonic() < deadline:
+            watch.look()
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=10)
+        left = watch.running(timeout=5)
+    assert proc.returncode == 0, out + err
+    assert left == {}, left
+    report = json.loads(out_json.read_text())
+    results = {r["name"]: r for r in report["results"]}
+    assert list(results) == ["tunkit-udp", "tunkit-tcp", "tunkit-tls", "vxlan", "underlay",
+                             "naive-udp"]
+    for name, r in results.items():
+        assert r["gbit_s"] > 0 and r["streams"] == 1 and r["error"] == "", r
+        assert report["ratios"][name]["naive-udp"] == pytest.approx(
+            r["gbit_s"] / results["naive-udp"]["gbit_s"])
+        labels = [c["process"] for c in r["cpu"]]
+        if name in ("vxlan", "underlay"):
+            assert labels == [], r  # the kernel alone
+            continue
+        # Two processes of their own (one per host), children of the benchmark.
+        prefix = "naive" if name == "naive-udp" else "tunnel"
+        assert labels == [f"{prefix} A", f"{prefix} B"], r
+        assert {c["pid"] for c in r["cpu"]} <= set(watch.cmdlines), r
+        assert all(c["seconds"] > 0 for c in r["cpu"]), r
+        if prefix == "tunnel":
+            # Their own counters (the totals each printed on SIGTERM): A sent the
+            # overlay's packets, at least the bytes iperf3's receiver counted.
+            got = r["gbit_s"] * 1e9 / 8 * seconds * 0.9
+            assert r["stats"]["A"]["sent_bytes"] >= got, r
+            assert r["stats"]["B"]["received_bytes"] >= got, r
+            assert r["stats"]["A"]["dropped"] == r["stats"]["B"]["dropped"] == 0, r
+    rows = [line.split()[1] for line in out.splitlines() if re.match(r"│ [a-z-]+ +│ +\d", line)]
+    assert rows == list(results), out
+    assert "x naive-udp" in out and "x vxlan" in out
+    assert_readable_at_80(out)
+    assert our_namespaces(proc.pid) == []
+
+
 @pytest.mark.timeout(120)
 def test_bench_ended_by_sigterm_while_workers_run_ends_and_reaps_them(root: None) -> None:
     need_tool("iperf3")

@@ -1,4 +1,7 @@
-"""``tunkit bench``: the pair-load benchmark as a command, with a table, JSON and a plot."""
+"""``tunkit bench`` and ``tunkit bench tunnel``: the pair-load and tunnel-load benchmarks.
+
+Each as a command: progress while it runs, then a table, JSON and a plot.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -18,6 +22,7 @@ from .._offload import speedups_enabled
 from . import children
 from .pair_load import OFFLOAD_SETUPS, VIAS, BenchResult, all_setups, ratios, run_pair_load
 from .preflight import HelpFormatter, UsageError, positive, positive_float
+from .tunnel_load import TUNNEL_SETUPS, run_tunnel_load, tunnel_ratios
 
 __all__ = ["BENCH_HELP", "add_parser", "run"]
 
@@ -45,11 +50,39 @@ program, or each worker), and the offload counters of the setups with
 offload. Needs root, /dev/net/tun, ip (iproute2) and iperf3. Namespaces
 carry this process's id and are removed.
 
+`tunkit bench tunnel` measures a tunnel between two hosts instead (see
+`tunkit bench tunnel --help`).
+
 examples:
   sudo tunkit bench
   sudo tunkit bench --seconds 5 --streams 4 --via p2p
   sudo tunkit bench --streams 4 --queues 2
   sudo tunkit bench --no-offload --json out.json --plot out.png
+  sudo tunkit bench tunnel
+"""
+
+TUNNEL_HELP = """\
+Measure bulk TCP (iperf3) across a tunnel between two "hosts": two network
+namespaces joined by a veth pair (the underlay, MTU 1500), a tunnel across
+it, iperf3 from one host to the other through the tunnel. In one run:
+
+  tunkit-udp  a `tunkit tunnel --transport udp` process per host: IP-in-UDP
+              with UDP GSO/GRO, the device's super-packets kept whole
+  tunkit-tcp  the same over TCP (StreamTun, device MTU 9000)
+  tunkit-tls  the same inside TLS, certificates on both sides (throwaway
+              ones made for the run: needs the cryptography package)
+  vxlan       the kernel's own UDP tunnel over the same underlay: the ceiling
+  underlay    the veth alone
+  naive-udp   the tunnel a Python user writes first, a program per host:
+              os.read + sendto per packet one way, recvfrom + os.write back
+
+Prints Gbit/s, the ratios to naive-udp and vxlan, retransmits and the CPU
+each tunnel process used (% of one core). Needs root, /dev/net/tun, ip
+(iproute2) and iperf3. Namespaces carry this process's id and are removed.
+
+examples:
+  sudo tunkit bench tunnel
+  sudo tunkit bench tunnel --seconds 5 --streams 4 --json tunnel.json
 """
 
 
@@ -59,24 +92,39 @@ _CPU_NOTE = ("% core: CPU time of each process moving the packets while iperf3 r
              "shared with iperf3.")
 
 
+_TUNNEL_CPU_NOTE = ("% core: CPU time of each tunnel process (host A's, then B's) while "
+                    "iperf3 ran, as a share of one core; {cores} core(s) here, shared with "
+                    "iperf3. vxlan and underlay are the kernel alone.")
+
+
 def add_parser(sub: Any) -> None:
-    """Add ``bench`` to the subcommands *sub* (``argparse``'s subparsers action)."""
+    """Add ``bench`` (and ``bench tunnel``) to the subcommands *sub* (argparse's subparsers)."""
     bench = sub.add_parser(
         "bench",
         help="measure TCP between two namespaces through tunkit, veth and a naive loop",
         description=BENCH_HELP,
         formatter_class=HelpFormatter,
     )
-    bench.add_argument("--seconds", type=positive_float, default=10.0, metavar="S",
-                       help="seconds of TCP per setup")
-    bench.add_argument("--streams", type=positive, default=1, metavar="N",
-                       help="parallel TCP streams")
+    _common_options(bench)
     bench.add_argument("--via", choices=VIAS, default="copy", help="how tunkit joins the devices")
     bench.add_argument("--no-offload", action="store_true", help="skip the offload setups")
     bench.add_argument("--queues", type=positive, metavar="N",
                        help="also run tunkit-mq and tunkit-split-mq with N worker processes")
-    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    bench.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
+    what = bench.add_subparsers(dest="bench", metavar="{tunnel}")
+    tunnel = what.add_parser(
+        "tunnel", help="measure TCP across a tunnel between two hosts",
+        description=TUNNEL_HELP, formatter_class=HelpFormatter,
+    )
+    _common_options(tunnel)
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=positive_float, default=10.0, metavar="S",
+                        help="seconds of TCP per setup")
+    parser.add_argument("--streams", type=positive, default=1, metavar="N",
+                        help="parallel TCP streams")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
 
 
 def _check_plot_support() -> None:
@@ -111,9 +159,13 @@ def _plot(results: list[BenchResult], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _measure(args: argparse.Namespace, setups: tuple[str, ...],
-             console: Console) -> list[BenchResult]:
-    """Run *setups* on a worker thread, showing progress; Ctrl-C or SIGTERM ends it early."""
+def _measure(args: argparse.Namespace, setups: tuple[str, ...], console: Console,
+             measure: Callable[[Callable[[str], None]], list[BenchResult]],
+             ) -> list[BenchResult]:
+    """Run *measure* (given the start-of-setup callback) on a worker thread, showing progress.
+
+    Ctrl-C or SIGTERM ends it early.
+    """
     total = len(setups) * args.seconds
     results: list[BenchResult] = []
     failure: list[BaseException] = []
@@ -125,8 +177,7 @@ def _measure(args: argparse.Namespace, setups: tuple[str, ...],
 
     def work() -> None:
         try:
-            results.extend(run_pair_load(args.seconds, args.streams, args.via, setups, on_start,
-                                         queues=args.queues or 1))
+            results.extend(measure(on_start))
         except BaseException as exc:
             failure.append(exc)
         finally:
@@ -158,26 +209,32 @@ def _measure(args: argparse.Namespace, setups: tuple[str, ...],
     return results
 
 
+def _figures(title: str, results: list[BenchResult], by_ratio: dict[str, dict[str, float]],
+             bases: tuple[str, str]) -> Table:
+    """Gbit/s, the ratios to *bases*, retransmits and CPU per process: fits 80 columns."""
+    figures = Table(title=title)
+    for col in ("setup", "Gbit/s", *(f"x {b}" for b in bases), "retrans", "% core"):
+        figures.add_column(col, justify="left" if col == "setup" else "right")
+    for r in results:
+        rr = by_ratio.get(r.name, {})
+        figures.add_row(
+            r.name, "-" if r.error else f"{r.gbit_s:.2f}",
+            *(f"{rr[b]:.2f}" if b in rr else "-" for b in bases),
+            "-" if r.error else f"{r.retransmits:,}",
+            # one figure per process, space apart: many workers wrap, never cut
+            " ".join(f"{p.share:.0%}".removesuffix("%") for p in r.cpu) or "-",
+        )
+    return figures
+
+
 def _tables(results: list[BenchResult], by_ratio: dict[str, dict[str, float]],
             args: argparse.Namespace) -> list[Table]:
     """The figures, and the offload counters of the setups that have offload.
 
     Two narrow tables rather than one wide one: both read whole in 80 columns.
     """
-    figures = Table(title=f"pair-load: {args.streams} TCP stream(s), {args.seconds:g} s each, "
-                          f"via {args.via}")
-    for col in ("setup", "Gbit/s", "x naive", "x veth", "retrans", "% core"):
-        figures.add_column(col, justify="left" if col == "setup" else "right")
-    for r in results:
-        rr = by_ratio.get(r.name, {})
-        figures.add_row(
-            r.name, "-" if r.error else f"{r.gbit_s:.2f}",
-            f"{rr['naive']:.2f}" if "naive" in rr else "-",
-            f"{rr['veth']:.2f}" if "veth" in rr else "-",
-            "-" if r.error else f"{r.retransmits:,}",
-            # one figure per process, space apart: many workers wrap, never cut
-            " ".join(f"{p.share:.0%}".removesuffix("%") for p in r.cpu) or "-",
-        )
+    figures = _figures(f"pair-load: {args.streams} TCP stream(s), {args.seconds:g} s each, "
+                       f"via {args.via}", results, by_ratio, ("naive", "veth"))
     offload = Table(title="offload counters, both devices")
     for col in ("setup", "gso whole", "gso split", "gro coalesced"):
         offload.add_column(col, justify="left" if col == "setup" else "right")
@@ -190,24 +247,19 @@ def _tables(results: list[BenchResult], by_ratio: dict[str, dict[str, float]],
     return [figures, offload] if offload.row_count else [figures]
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
-    """Run ``tunkit bench`` with parsed *args*; return the exit status."""
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Found out before minutes of measuring, not after."""
     if args.plot:
         _check_plot_support()
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        # Found out before minutes of measuring, not after.
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             folder = os.path.dirname(path)
             raise UsageError(f"{option} {path}: the folder {folder!r} does not exist")
-    if args.queues and args.no_offload:
-        raise UsageError("--queues runs tunkit-mq and tunkit-split-mq, which have offload: "
-                         "drop --no-offload")
-    setups = all_setups(args.queues, offload=not args.no_offload)
-    results = _measure(args, setups, console)
-    by_ratio = ratios(results)
-    for table in _tables(results, by_ratio, args):
-        console.print(table)
-    console.print(_CPU_NOTE.format(cores=os.cpu_count() or 1), highlight=False)
+
+
+def _report(results: list[BenchResult], by_ratio: dict[str, dict[str, float]],
+            args: argparse.Namespace, console: Console, plot_title: str) -> int:
+    """The errors, the JSON and the plot of a run; return the exit status."""
     for r in results:  # below the tables, where a long message can wrap
         if r.error:
             console.print(f"[red]{r.name} failed:[/red] {escape(r.error)}")
@@ -217,7 +269,36 @@ def run(args: argparse.Namespace, console: Console) -> int:
             json.dump({"results": [r.as_json() for r in results], "ratios": by_ratio}, f, indent=2)
         console.print(f"wrote {args.json}")
     if args.plot:
-        _plot(results, args.plot,
-              f"tunkit pair-load, {args.streams} stream(s), via {args.via}")
+        _plot(results, args.plot, plot_title)
         console.print(f"wrote {args.plot}")
     return 1 if any(r.error for r in results) else 0
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Run ``tunkit bench`` (or ``bench tunnel``) with parsed *args*; return the exit status."""
+    _check_outputs(args)
+    if getattr(args, "bench", None) == "tunnel":
+        return _run_tunnel(args, console)
+    if args.queues and args.no_offload:
+        raise UsageError("--queues runs tunkit-mq and tunkit-split-mq, which have offload: "
+                         "drop --no-offload")
+    setups = all_setups(args.queues, offload=not args.no_offload)
+    results = _measure(args, setups, console, lambda on_start: run_pair_load(
+        args.seconds, args.streams, args.via, setups, on_start, queues=args.queues or 1))
+    by_ratio = ratios(results)
+    for table in _tables(results, by_ratio, args):
+        console.print(table)
+    console.print(_CPU_NOTE.format(cores=os.cpu_count() or 1), highlight=False)
+    return _report(results, by_ratio, args, console,
+                   f"tunkit pair-load, {args.streams} stream(s), via {args.via}")
+
+
+def _run_tunnel(args: argparse.Namespace, console: Console) -> int:
+    results = _measure(args, TUNNEL_SETUPS, console, lambda on_start: run_tunnel_load(
+        args.seconds, args.streams, TUNNEL_SETUPS, on_start))
+    by_ratio = tunnel_ratios(results)
+    console.print(_figures(f"tunnel-load: {args.streams} TCP stream(s), {args.seconds:g} s each",
+                           results, by_ratio, ("naive-udp", "vxlan")))
+    console.print(_TUNNEL_CPU_NOTE.format(cores=os.cpu_count() or 1), highlight=False)
+    return _report(results, by_ratio, args, console,
+                   f"tunkit tunnel-load, {args.streams} stream(s)")

@@ -45,7 +45,7 @@ from . import children
 from .preflight import DEVICE_TOOLS, require
 
 __all__ = ["MQ_SETUPS", "OFFLOAD_SETUPS", "SETUPS", "VIAS", "BenchResult", "ProcessCpu",
-           "all_setups", "ratios", "run_pair_load"]
+           "all_setups", "iperf", "ratios", "run_pair_load"]
 
 SETUPS: Final = ("tunkit", "tunkit-split", "tunkit-nooffload", "veth", "naive")
 MQ_SETUPS: Final = ("tunkit-mq", "tunkit-split-mq")  # with queues: worker processes
@@ -153,9 +153,9 @@ def _tun(ns: str, addr: str, offload: bool, multi_queue: bool = False) -> Native
     return tun
 
 
-def _iperf(result: BenchResult, ns_a: str, ns_b: str,
-           processes: Sequence[tuple[str, int]] = ()) -> None:
-    """Run iperf3 from A to B; set *result*'s figures and the CPU each of *processes* used.
+def iperf(result: BenchResult, ns_a: str, ns_b: str,
+          processes: Sequence[tuple[str, int]] = (), target: str = _B_ADDR) -> None:
+    """Run iperf3 from A to *target* in B; set *result*'s figures and the CPU of *processes*.
 
     *processes* are (label, pid) pairs: the programs that move the packets.
     """
@@ -173,7 +173,7 @@ def _iperf(result: BenchResult, ns_a: str, ns_b: str,
         before = [cpu_seconds(pid) for _, pid in processes]
         started = time.monotonic()
         client = children.run(
-            ["ip", "netns", "exec", ns_a, "iperf3", "-c", _B_ADDR, "-p", str(_PORT),
+            ["ip", "netns", "exec", ns_a, "iperf3", "-c", target, "-p", str(_PORT),
              "-t", f"{result.seconds:g}", "-P", str(result.streams), "--json"],
             timeout=result.seconds + 60,
         )
@@ -232,7 +232,7 @@ def _run_naive(result: BenchResult, ns_a: str, ns_b: str, a: NativeTun, b: Nativ
         if loop.stdout.readline().strip() != "ready":
             lines = loop.stderr.read().strip().splitlines()
             raise RuntimeError(f"the naive loop did not start: {lines[-1] if lines else '?'}")
-        _iperf(result, ns_a, ns_b, [("naive", loop.pid)])
+        iperf(result, ns_a, ns_b, [("naive", loop.pid)])
     finally:
         children.end(loop)
         for fd in fds:  # the loop made the descriptions blocking; the devices expect otherwise
@@ -253,7 +253,7 @@ def _run_workers(result: BenchResult, ns_a: str, ns_b: str, a: NativeTun, b: Nat
     """Join *a* and *b* by ``result.queues`` worker processes, one queue of each per worker."""
     with QueueWorkers(a, b, passthrough=result.name != "tunkit-split-mq") as workers:
         workers.start(result.queues)
-        _iperf(result, ns_a, ns_b, [(f"worker {i}", w.pid) for i, w in enumerate(workers.workers)])
+        iperf(result, ns_a, ns_b, [(f"worker {i}", w.pid) for i, w in enumerate(workers.workers)])
         reports = workers.close()  # the last reports: every packet counted
     if len(reports) != result.queues:
         raise RuntimeError(f"{result.queues - len(reports)} of {result.queues} workers "
@@ -275,7 +275,7 @@ def _run_setup(name: str, via: str, seconds: float, streams: int, queues: int) -
             for ns, dev, addr in ((ns_a, va, _A_ADDR), (ns_b, vb, _B_ADDR)):
                 _ip("-n", ns, "addr", "add", f"{addr}/{_PREFIX_LEN}", "dev", dev)
                 _ip("-n", ns, "link", "set", dev, "up")
-            _iperf(result, ns_a, ns_b)  # the kernel alone: no process of ours to measure
+            iperf(result, ns_a, ns_b)  # the kernel alone: no process of ours to measure
             return result
         offload = name in OFFLOAD_SETUPS
         multi_queue = name in MQ_SETUPS
@@ -290,7 +290,7 @@ def _run_setup(name: str, via: str, seconds: float, streams: int, queues: int) -
                 return result
             end = _join(via, a, b, passthrough=name != "tunkit-split")
             try:
-                _iperf(result, ns_a, ns_b, [("benchmark", os.getpid())])
+                iperf(result, ns_a, ns_b, [("benchmark", os.getpid())])
             finally:
                 result.stats = {"a": asdict(a.stats()), "b": asdict(b.stats())}
                 end()
@@ -347,14 +347,9 @@ def run_pair_load(
     return results
 
 
-def ratios(results: list[BenchResult]) -> dict[str, dict[str, float]]:
-    """Each result's ratio to ``naive`` and to ``veth`` (when those ran)."""
+def ratios(results: list[BenchResult],
+           bases: tuple[str, ...] = ("naive", "veth")) -> dict[str, dict[str, float]]:
+    """Each result's ratio to each of *bases* that ran (``naive`` and ``veth``)."""
     by_name = {r.name: r.gbit_s for r in results}
-    out: dict[str, dict[str, float]] = {}
-    for r in results:
-        out[r.name] = {
-            base: r.gbit_s / by_name[base]
-            for base in ("naive", "veth")
-            if by_name.get(base)
-        }
-    return out
+    return {r.name: {base: r.gbit_s / by_name[base] for base in bases if by_name.get(base)}
+            for r in results}
