@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from tunkit.cli import children
-from tunkit.cli.pair_load import BenchResult, iperf, _pair, _run_setup, _tun
+from tunkit.cli.pair_load import BenchResult, _pair, _run_setup, _tun, iperf
 
 _A_ADDR, _B_ADDR = "10.214.0.1", "10.214.0.2"
 _SOURCE = Path(__file__).with_name("c_loop.c")

@@ -105,11 +105,44 @@ def test_demo_without_root_falls_back_to_memory_in_one_line(root: None) -> None:
 def test_real_demo_runs_reads_in_80_columns_and_leaves_nothing_behind(root: None) -> None:
     proc = subprocess.Popen([*TUNKIT, "demo", "--seconds", "1"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV80)
-    out, err = proc.communicate(timeout=150)
+    watch = ChildWatch(proc.pid)
+    try:
+        while proc.poll() is None:
+            watch.look()  # the tunnel processes among the children, while they run
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=150)
+        left = watch.running(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        watch.close()
     assert proc.returncode == 0, out + err
     assert "IPv4" in out and "IPv6" in out and "Gbit/s" in out and "errors: 0" in out
+    # A `tunkit tunnel` process per host, each in its namespace, ended with the demo.
+    tunnels = [c for c in watch.cmdlines.values() if " tunkit tunnel " in f" {c} "]
+    assert len(tunnels) == 2 and sum("--listen" in c for c in tunnels) == 1, watch.cmdlines
+    assert left == {}, left
+    # Its figures are the tunnel ends' own totals: what A sent, B received (a
+    # datagram may be lost on the underlay, as on a real wire: TCP sends it
+    # again), at least the TCP bytes the receiver counted.
+    row = next(line for line in out.splitlines() if line.startswith("│ A → B"))
+    sent, received, sent_bytes, dropped = (int(x.replace(",", "")) for x in row.split("│")[2:6])
+    tcp_mb = float(re.search(r"TCP A → B: ([\d,.]+) MB", out)[1].replace(",", ""))  # type: ignore[index]
+    assert 0.99 * sent <= received <= sent and dropped == 0, row
+    assert sent_bytes >= tcp_mb * 1e6 * 0.999, (row, tcp_mb)
+    assert "tunnel demo (udp" in out
     assert_readable_at_80(out)
     assert our_namespaces(proc.pid) == []
+
+
+@pytest.mark.timeout(180)
+def test_local_demo_joins_the_devices_in_its_own_process(root: None) -> None:
+    proc = subprocess.run([*TUNKIT, "demo", "--local", "--seconds", "1"], capture_output=True,
+                          text=True, env=ENV80, timeout=150, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "real-device demo (offload on)" in proc.stdout and "errors: 0" in proc.stdout
+    assert_readable_at_80(proc.stdout)
 
 
 def _is_ping(cmdline: str) -> bool:

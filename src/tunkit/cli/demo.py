@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -14,23 +14,33 @@ from rich.table import Table
 from .demo_memory import DirectionResult, run_memory_demo
 from .preflight import HelpFormatter, UsageError, positive, require
 
+if TYPE_CHECKING:  # the real demos' modules load only when they run
+    from .demo_native import PingResult
+
 __all__ = ["DEMO_HELP", "add_parser", "run"]
 
 DEMO_HELP = """\
-Show tunkit moving real traffic between two network namespaces.
+Show tunkit carrying real traffic through a tunnel between two hosts.
 
-As root with /dev/net/tun: makes namespaces A and B (named with this process's
-id), a TUN device in each, joins them with a Point2Point in this process, then
-pings B from A (IPv4 and IPv6) and sends TCP from A to B for a few seconds,
-ending with a table of round-trip times, throughput, packets and bytes each way,
-drops and errors. Everything it made is removed on exit, Ctrl-C and SIGTERM.
+As root with /dev/net/tun: makes two "hosts", network namespaces A and B
+(named with this process's id) joined by a veth pair like a wire between two
+machines, and runs a `tunkit tunnel` process on each (UDP, as two machines
+would: a process per host), which makes a TUN device there and carries the
+overlay network between them. Then it pings B from A across the tunnel
+(IPv4 and IPv6) and sends TCP from A to B for a few seconds, with live
+counters, ending with a table of round-trip times, throughput, packets and
+bytes each way, drops and errors. Everything it made is removed on exit,
+Ctrl-C and SIGTERM.
 
-Without root or /dev/net/tun (or with --memory): the in-memory demo, two pipes
-joined by a Point2Point, every packet checked byte for byte on arrival.
+With --local: the one-process demo instead, a TUN device in each namespace
+joined by a Point2Point in this process. Without root or /dev/net/tun (or
+with --memory): the in-memory demo, two pipes joined by a Point2Point,
+every packet checked byte for byte on arrival.
 
 examples:
   sudo tunkit demo
   sudo tunkit demo --seconds 5
+  sudo tunkit demo --local --no-offload
   tunkit demo --memory --packets 100000 --batch 128
 """
 
@@ -43,9 +53,12 @@ def add_parser(sub: Any) -> None:
         formatter_class=HelpFormatter,
     )
     demo.add_argument("--memory", action="store_true", help="run the in-memory demo only")
+    demo.add_argument("--local", action="store_true",
+                      help="join the two devices in this process instead of a tunnel")
     demo.add_argument("--seconds", type=positive, default=3, metavar="S",
                       help="seconds of TCP in the real demo")
-    demo.add_argument("--no-offload", action="store_true", help="real devices without offload")
+    demo.add_argument("--no-offload", action="store_true",
+                      help="--local: devices without offload")
     demo.add_argument("--packets", type=positive, default=20000, metavar="N",
                       help="packets each way in the in-memory demo")
     demo.add_argument("--batch", type=positive, default=32, metavar="N",
@@ -81,8 +94,73 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 "To see the real one, on Linux: sudo tunkit demo"
             )
         else:
-            return _native_demo(args, console)
+            if args.local:
+                return _native_demo(args, console)
+            return _tunnel_demo(args, console)
     return _memory_demo(args, console)
+
+
+def _ping_table(title: str, pings: Sequence[PingResult], console: Console) -> None:
+    rtt = Table(title=title)
+    for name in ("", "sent", "received", "min ms", "avg ms", "max ms"):
+        rtt.add_column(name, justify="right" if name else "left")
+    for p in pings:
+        rtt.add_row(p.family, str(p.sent), str(p.received), f"{p.rtt_min:.3f}",
+                    f"{p.rtt_avg:.3f}", f"{p.rtt_max:.3f}")
+    console.print(rtt)
+    for p in pings:  # below the table, where a long message can wrap
+        if p.error:
+            console.print(f"[red]{p.family} ping error:[/red] {escape(p.error)}")
+
+
+def _tcp_line(tcp_bytes: int, tcp_seconds: float, gbit_s: float, error: str) -> str:
+    return (f"TCP A → B: {tcp_bytes / 1e6:,.1f} MB in {tcp_seconds:.1f} s = "
+            f"[bold]{gbit_s:.2f} Gbit/s[/bold]"
+            + (f"  [red]error: {escape(error)}[/red]" if error else ""))
+
+
+def _tunnel_demo(args: argparse.Namespace, console: Console) -> int:
+    from .demo_tunnel import run_tunnel_demo
+    from .hosts import Counters
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.fields[counters]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting", counters="")
+
+        def status(text: str) -> None:
+            progress.update(task, description=text)
+
+        def tick(a: Counters | None, b: Counters | None) -> None:
+            if a is not None and b is not None:
+                progress.update(
+                    task,
+                    counters=f"A→B {a.sent:,} pkts {a.sent_bytes / 1e6:,.1f} MB   "
+                    f"B→A {b.sent:,} pkts {b.sent_bytes / 1e6:,.1f} MB",
+                )
+
+        result = run_tunnel_demo(seconds=args.seconds, status=status, tick=tick)
+    _ping_table("ping across the tunnel (host A to B)", result.pings, console)
+    flows = Table(title="tunkit tunnel demo (udp, a process per host)",
+                  caption="sent: what one end's tunnel sent to its peer; received: what "
+                  "the other end's got; dropped: packets the tunnel ends dropped")
+    for name in ("direction", "sent", "received", "bytes", "dropped"):
+        flows.add_column(name, justify="left" if name == "direction" else "right")
+    if result.a is not None and result.b is not None:
+        for label, src, dst in (("A → B", result.a, result.b), ("B → A", result.b, result.a)):
+            flows.add_row(label, f"{src.sent:,}", f"{dst.received:,}", f"{src.sent_bytes:,}",
+                          f"{src.dropped:,}")
+    console.print(flows)
+    for problem in result.problems:
+        console.print(f"[red]error:[/red] {escape(problem)}")
+    console.print(_tcp_line(result.tcp_bytes, result.tcp_seconds, result.gbit_s,
+                            result.tcp_error))
+    console.print(f"errors: {result.errors}")
+    return 1 if result.errors else 0
 
 
 def _native_demo(args: argparse.Namespace, console: Console) -> int:
@@ -112,16 +190,7 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
         result = run_native_demo(
             seconds=args.seconds, offload=not args.no_offload, status=status, tick=tick
         )
-    rtt = Table(title="ping across tunkit (from namespace A to B)")
-    for name in ("", "sent", "received", "min ms", "avg ms", "max ms"):
-        rtt.add_column(name, justify="right" if name else "left")
-    for p in result.pings:
-        rtt.add_row(p.family, str(p.sent), str(p.received), f"{p.rtt_min:.3f}",
-                    f"{p.rtt_avg:.3f}", f"{p.rtt_max:.3f}")
-    console.print(rtt)
-    for p in result.pings:  # below the table, where a long message can wrap
-        if p.error:
-            console.print(f"[red]{p.family} ping error:[/red] {escape(p.error)}")
+    _ping_table("ping across tunkit (from namespace A to B)", result.pings, console)
     flows = Table(title=f"tunkit real-device demo (offload {'on' if result.offload else 'off'})")
     for name in ("direction", "packets", "bytes", "super-packets", "dropped", "errors"):
         flows.add_column(name, justify="left" if name == "direction" else "right")
@@ -143,11 +212,8 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
                 + (f"; last: {fwd.last_error}" if fwd.last_error else "") + "[/red]",
                 highlight=False,
             )
-    console.print(
-        f"TCP A → B: {result.tcp_bytes / 1e6:,.1f} MB in {result.tcp_seconds:.1f} s = "
-        f"[bold]{result.gbit_s:.2f} Gbit/s[/bold]"
-        + (f"  [red]error: {escape(result.tcp_error)}[/red]" if result.tcp_error else "")
-    )
+    console.print(_tcp_line(result.tcp_bytes, result.tcp_seconds, result.gbit_s,
+                            result.tcp_error))
     console.print(f"errors: {result.errors}")
     return 1 if result.errors else 0
 

@@ -1,4 +1,4 @@
-"""The real-device demo: two network namespaces, a NativeTun in each, joined in this process."""
+"""The local demo (``--local``): two namespaces, a NativeTun in each, joined in this process."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from .._forwarder import ForwarderStats, Point2Point
 from .._linux.device import NativeTun, TunStats, create_tun
@@ -17,7 +17,7 @@ from .._linux.netns import create_netns, delete_netns, unique_netns_name
 from .._pool import Pool
 from . import children
 
-__all__ = ["NativeDemoResult", "PingResult", "run_native_demo"]
+__all__ = ["NativeDemoResult", "PingResult", "TcpResult", "ping", "run_native_demo", "tcp_run"]
 
 # Addresses exist only inside the two namespaces this demo makes (RFC 1918 and
 # RFC 4193 ranges, never routed out of them).
@@ -121,8 +121,9 @@ def _last_line(text: str, status: int, who: str) -> str:
     return lines[-1] if lines else f"{who} exited {status}"
 
 
-def _ping(ns: str, family: str, target: str, count: int,
-          tick: Callable[[], None]) -> PingResult:
+def ping(ns: str, family: str, target: str, count: int,
+         tick: Callable[[], None]) -> PingResult:
+    """Ping *target* from *ns* *count* times, calling *tick* meanwhile; its figures."""
     result = PingResult(family)
     argv = _ns_exec(ns, "ping", "-6" if family == "IPv6" else "-4", "-c", str(count),
                     "-i", "0.2", "-W", "2", target)
@@ -159,8 +160,17 @@ def _device(stack: ExitStack, ns: str, addr4: str, addr6: str, offload: bool) ->
     return tun
 
 
-def _tcp(ns_a: str, ns_b: str, seconds: float, result: NativeDemoResult,
-         tick: Callable[[], None]) -> None:
+class TcpResult(Protocol):
+    """Where :func:`tcp_run` puts what it measured."""
+
+    tcp_bytes: int
+    tcp_seconds: float
+    tcp_error: str
+
+
+def tcp_run(ns_a: str, ns_b: str, seconds: float, result: TcpResult,
+            tick: Callable[[], None]) -> None:
+    """Send TCP from *ns_a* to B_V4 in *ns_b* for *seconds*; set *result*'s figures."""
     receiver = children.start(
         _ns_exec(ns_b, sys.executable, "-c", _RECEIVER, str(_TCP_PORT)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -225,9 +235,9 @@ def run_native_demo(
 
         for family, target in (("IPv4", B_V4), ("IPv6", B_V6)):
             say(f"ping -{family[-1]} {target} from {ns_a}")
-            result.pings.append(_ping(ns_a, family, target, pings, tick_fn))
+            result.pings.append(ping(ns_a, family, target, pings, tick_fn))
         say(f"TCP from {ns_a} to {ns_b} for {seconds:g} s")
-        _tcp(ns_a, ns_b, seconds, result, tick_fn)
+        tcp_run(ns_a, ns_b, seconds, result, tick_fn)
         p2p.stop()  # what it drops on the way out counts too
         result.a2b, result.b2a = p2p.a2b.stats(), p2p.b2a.stats()
         result.a_stats = tun_a.stats()

@@ -101,9 +101,9 @@ STREAM_MTU: Final = 9000
 
 A stream carries frames of any size up to 65535 bytes, so the device's MTU
 is not bound to the underlay's: at 9000 bytes (a jumbo frame) each packet
-costs the same work as at 1500 and carries six times as much (measured in
-benchmarks/tunnel_stream.py: about 2x the throughput of 1500; larger gains
-little more).
+costs the same work as at 1500 and carries six times as much (measured
+with the tunnel-load benchmark at both MTUs: about 2x the throughput of
+1500; larger gains little more).
 """
 
 # The connecting end: how long one connection attempt (and a TLS handshake)
