@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -15,7 +16,7 @@ from .demo_memory import DirectionResult, run_memory_demo
 from .preflight import HelpFormatter, UsageError, positive, require
 
 if TYPE_CHECKING:  # the real demos' modules load only when they run
-    from .demo_native import PingResult
+    from .demo_native import PingResult, TrafficResult
 
 __all__ = ["DEMO_HELP", "add_parser", "run"]
 
@@ -113,16 +114,19 @@ def _ping_table(title: str, pings: Sequence[PingResult], console: Console) -> No
             console.print(f"[red]{p.family} ping error:[/red] {escape(p.error)}")
 
 
-def _tcp_line(tcp_bytes: int, tcp_seconds: float, gbit_s: float, error: str) -> str:
-    return (f"TCP A → B: {tcp_bytes / 1e6:,.1f} MB in {tcp_seconds:.1f} s = "
-            f"[bold]{gbit_s:.2f} Gbit/s[/bold]"
-            + (f"  [red]error: {escape(error)}[/red]" if error else ""))
+def _tcp_line(result: TrafficResult) -> str:
+    return (f"TCP A → B: {result.tcp_bytes / 1e6:,.1f} MB in {result.tcp_seconds:.1f} s = "
+            f"[bold]{result.gbit_s:.2f} Gbit/s[/bold]"
+            + (f"  [red]error: {escape(result.tcp_error)}[/red]" if result.tcp_error else ""))
 
 
-def _tunnel_demo(args: argparse.Namespace, console: Console) -> int:
-    from .demo_tunnel import run_tunnel_demo
-    from .hosts import Counters
+@contextmanager
+def _live(console: Console) -> Iterator[tuple[Callable[[str], None],
+                                              Callable[[int, int, int, int], None]]]:
+    """A live line while a real demo runs: what it does now, and the packets each way.
 
+    Yields ``status(text)`` and ``show(a_packets, a_bytes, b_packets, b_bytes)``.
+    """
     with Progress(
         TextColumn("[bold]{task.description}"),
         TextColumn("{task.fields[counters]}"),
@@ -135,13 +139,22 @@ def _tunnel_demo(args: argparse.Namespace, console: Console) -> int:
         def status(text: str) -> None:
             progress.update(task, description=text)
 
+        def show(a_packets: int, a_bytes: int, b_packets: int, b_bytes: int) -> None:
+            progress.update(task, counters=f"A→B {a_packets:,} pkts {a_bytes / 1e6:,.1f} MB   "
+                                           f"B→A {b_packets:,} pkts {b_bytes / 1e6:,.1f} MB")
+
+        yield status, show
+
+
+def _tunnel_demo(args: argparse.Namespace, console: Console) -> int:
+    from .demo_tunnel import run_tunnel_demo
+    from .hosts import Counters
+
+    with _live(console) as (status, show):
+
         def tick(a: Counters | None, b: Counters | None) -> None:
             if a is not None and b is not None:
-                progress.update(
-                    task,
-                    counters=f"A→B {a.sent:,} pkts {a.sent_bytes / 1e6:,.1f} MB   "
-                    f"B→A {b.sent:,} pkts {b.sent_bytes / 1e6:,.1f} MB",
-                )
+                show(a.sent, a.sent_bytes, b.sent, b.sent_bytes)
 
         result = run_tunnel_demo(seconds=args.seconds, status=status, tick=tick)
     _ping_table("ping across the tunnel (host A to B)", result.pings, console)
@@ -157,8 +170,7 @@ def _tunnel_demo(args: argparse.Namespace, console: Console) -> int:
     console.print(flows)
     for problem in result.problems:
         console.print(f"[red]error:[/red] {escape(problem)}")
-    console.print(_tcp_line(result.tcp_bytes, result.tcp_seconds, result.gbit_s,
-                            result.tcp_error))
+    console.print(_tcp_line(result))
     console.print(f"errors: {result.errors}")
     return 1 if result.errors else 0
 
@@ -167,25 +179,11 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
     from .._linux.device import NativeTun
     from .demo_native import forwarder_errors, run_native_demo
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        TextColumn("{task.fields[counters]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("starting", counters="")
-
-        def status(text: str) -> None:
-            progress.update(task, description=text)
+    with _live(console) as (status, show):
 
         def tick(a: NativeTun, b: NativeTun) -> None:
             sa, sb = a.stats(), b.stats()
-            progress.update(
-                task,
-                counters=f"A→B {sa.packets_read:,} pkts {sa.bytes_read / 1e6:,.1f} MB   "
-                f"B→A {sb.packets_read:,} pkts {sb.bytes_read / 1e6:,.1f} MB",
-            )
+            show(sa.packets_read, sa.bytes_read, sb.packets_read, sb.bytes_read)
 
         result = run_native_demo(
             seconds=args.seconds, offload=not args.no_offload, status=status, tick=tick
@@ -212,8 +210,7 @@ def _native_demo(args: argparse.Namespace, console: Console) -> int:
                 + (f"; last: {fwd.last_error}" if fwd.last_error else "") + "[/red]",
                 highlight=False,
             )
-    console.print(_tcp_line(result.tcp_bytes, result.tcp_seconds, result.gbit_s,
-                            result.tcp_error))
+    console.print(_tcp_line(result))
     console.print(f"errors: {result.errors}")
     return 1 if result.errors else 0
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
 from .._forwarder import ForwarderStats, Point2Point
 from .._linux.device import NativeTun, TunStats, create_tun
@@ -17,7 +17,7 @@ from .._linux.netns import create_netns, delete_netns, unique_netns_name
 from .._pool import Pool
 from . import children
 
-__all__ = ["NativeDemoResult", "PingResult", "TcpResult", "ping", "run_native_demo", "tcp_run"]
+__all__ = ["NativeDemoResult", "PingResult", "TrafficResult", "ping", "run_native_demo", "tcp_run"]
 
 # Addresses exist only inside the two namespaces this demo makes (RFC 1918 and
 # RFC 4193 ranges, never routed out of them).
@@ -78,13 +78,28 @@ class PingResult:
 
 
 @dataclass
-class NativeDemoResult:
-    """What the real-device demo measured."""
+class TrafficResult:
+    """What a real demo's traffic measured: the pings and the TCP run."""
 
     pings: list[PingResult] = field(default_factory=list)
     tcp_bytes: int = 0
     tcp_seconds: float = 0.0
     tcp_error: str = ""
+
+    @property
+    def gbit_s(self) -> float:
+        return self.tcp_bytes * 8 / self.tcp_seconds / 1e9 if self.tcp_seconds else 0.0
+
+    def traffic_errors(self) -> int:
+        """Pings lost or failed, and a TCP run that failed or moved nothing."""
+        bad = sum(1 for p in self.pings if p.error or p.received != p.sent)
+        return bad + (1 if self.tcp_error or not self.tcp_bytes else 0)
+
+
+@dataclass
+class NativeDemoResult(TrafficResult):
+    """What the local demo measured."""
+
     a_stats: TunStats | None = None
     b_stats: TunStats | None = None
     # What each direction's Forwarder swallowed (errors it did not raise, drops).
@@ -93,14 +108,9 @@ class NativeDemoResult:
     offload: bool = False
 
     @property
-    def gbit_s(self) -> float:
-        return self.tcp_bytes * 8 / self.tcp_seconds / 1e9 if self.tcp_seconds else 0.0
-
-    @property
     def errors(self) -> int:
-        bad = sum(1 for p in self.pings if p.error or p.received != p.sent)
-        bad += sum(forwarder_errors(f) + f.dropped for f in (self.a2b, self.b2a))
-        return bad + (1 if self.tcp_error or not self.tcp_bytes else 0)
+        swallowed = sum(forwarder_errors(f) + f.dropped for f in (self.a2b, self.b2a))
+        return self.traffic_errors() + swallowed
 
 
 def forwarder_errors(stats: ForwarderStats) -> int:
@@ -160,15 +170,7 @@ def _device(stack: ExitStack, ns: str, addr4: str, addr6: str, offload: bool) ->
     return tun
 
 
-class TcpResult(Protocol):
-    """Where :func:`tcp_run` puts what it measured."""
-
-    tcp_bytes: int
-    tcp_seconds: float
-    tcp_error: str
-
-
-def tcp_run(ns_a: str, ns_b: str, seconds: float, result: TcpResult,
+def tcp_run(ns_a: str, ns_b: str, seconds: float, result: TrafficResult,
             tick: Callable[[], None]) -> None:
     """Send TCP from *ns_a* to B_V4 in *ns_b* for *seconds*; set *result*'s figures."""
     receiver = children.start(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import children
-from .demo_native import A_V4, A_V6, B_V4, B_V6, PingResult, ping, tcp_run
+from .demo_native import A_V4, A_V6, B_V4, B_V6, TrafficResult, ping, tcp_run
 from .hosts import Counters, TunnelEnd, tunnel_ends, two_hosts
 
 __all__ = ["TunnelDemoResult", "run_tunnel_demo"]
@@ -25,22 +25,14 @@ _NS_PREFIX: Final = "tk"
 
 
 @dataclass
-class TunnelDemoResult:
+class TunnelDemoResult(TrafficResult):
     """What the tunnel demo measured: pings, TCP, and each tunnel end's totals."""
 
-    pings: list[PingResult] = field(default_factory=list)
-    tcp_bytes: int = 0
-    tcp_seconds: float = 0.0
-    tcp_error: str = ""
     a: Counters | None = None  # host A's tunnel end, its totals
     b: Counters | None = None
     # How each tunnel process ended (0: as asked, by SIGTERM), and its last line otherwise.
     statuses: list[int | None] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def gbit_s(self) -> float:
-        return self.tcp_bytes * 8 / self.tcp_seconds / 1e9 if self.tcp_seconds else 0.0
 
     @property
     def dropped(self) -> int:
@@ -49,10 +41,9 @@ class TunnelDemoResult:
 
     @property
     def errors(self) -> int:
-        bad = sum(1 for p in self.pings if p.error or p.received != p.sent)
-        bad += sum(1 for s in self.statuses if s != 0)
+        bad = sum(1 for s in self.statuses if s != 0)
         bad += 0 if self.a is not None and self.b is not None else 1  # no totals
-        return bad + self.dropped + (1 if self.tcp_error or not self.tcp_bytes else 0)
+        return self.traffic_errors() + bad + self.dropped
 
 
 def run_tunnel_demo(
