@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import threading
 import time
 from collections import deque
@@ -28,12 +29,13 @@ class Events:
     ``None`` and iteration stops. Safe to use from any thread.
     """
 
-    __slots__ = ("_closed", "_cond", "_queue")
+    __slots__ = ("_closed", "_cond", "_queue", "_wakeup_fds")
 
     def __init__(self, initial: Event | None = None) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[Event] = deque()  # guarded by _cond
         self._closed = False  # guarded by _cond
+        self._wakeup_fds: list[int] = []  # guarded by _cond: see add_wakeup_fd()
         if initial is not None:
             self._queue.append(initial)
 
@@ -44,12 +46,36 @@ class Events:
                 return
             self._queue.append(event)
             self._cond.notify()
+            self._wake_fds()
 
     def close(self) -> None:
         """End the stream after the events already queued; idempotent."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._wake_fds()
+
+    def add_wakeup_fd(self, fd: int) -> None:
+        """Make each later :meth:`put` and :meth:`close` write 1 to the eventfd *fd*.
+
+        For a reader that waits in an event loop rather than in :meth:`get`
+        (``tunkit.aio``): it waits for *fd* to be readable, then calls
+        ``get(timeout=0)``. Call :meth:`remove_wakeup_fd` before closing *fd*.
+        """
+        with self._cond:
+            self._wakeup_fds.append(fd)
+            if self._queue or self._closed:
+                os.eventfd_write(fd, 1)
+
+    def remove_wakeup_fd(self, fd: int) -> None:
+        """Stop writing to *fd* (see :meth:`add_wakeup_fd`); nothing if it was not added."""
+        with self._cond:
+            if fd in self._wakeup_fds:
+                self._wakeup_fds.remove(fd)
+
+    def _wake_fds(self) -> None:
+        for fd in self._wakeup_fds:
+            os.eventfd_write(fd, 1)
 
     @property
     def closed(self) -> bool:

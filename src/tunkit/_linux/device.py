@@ -365,6 +365,15 @@ class NativeTun:
         """1 without offload (one packet per system call), 128 with the virtio header."""
         return self._batch
 
+    def set_blocking(self, flag: bool) -> None:
+        """Blocking mode (the default), or not: then a call that would wait raises
+        ``BlockingIOError`` instead, having stored or written nothing, as a
+        non-blocking socket does (``tunkit.aio`` waits for the descriptor in
+        its event loop, then calls again). A call that made progress returns
+        it, as in blocking mode; drops are counted either way.
+        """
+        self._fd.set_blocking(flag)
+
     def fileno(self) -> int:
         """The device descriptor, still owned by this object.
 

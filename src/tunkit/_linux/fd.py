@@ -119,6 +119,7 @@ class _Descriptor:
     """
 
     __slots__ = (
+        "_blocking",
         "_closing",
         "_label",
         "_late",
@@ -161,6 +162,8 @@ class _Descriptor:
         self._write_poll.register(fd, select.POLLOUT)
         self._write_poll.register(self.wake_fd, select.POLLIN)
         self._waiting = [False, False]  # [_READ], [_WRITE]
+        # False: a wait that would block raises BlockingIOError (set_blocking).
+        self._blocking = True
         # (device number, eventfd, thread): numbers a close() from a signal
         # handler left for the interrupted poll() of that thread to close.
         self._late: tuple[int, int, int] | None = None
@@ -197,7 +200,30 @@ class _Descriptor:
         """
         self._wait(self._write_poll, _WRITE, "write")
 
+    def set_blocking(self, flag: bool) -> None:
+        """Blocking mode (the default) or not, for this descriptor's waits and :attr:`io`.
+
+        In non-blocking mode a wait finds the descriptor ready or raises
+        ``BlockingIOError`` at once, and the C calls return ``-EAGAIN``: an
+        event loop waits for readiness in their stead (``tunkit.aio``).
+        """
+        self._blocking = flag
+        if self.io is not None:
+            self.io.set_blocking(flag)
+
+    def _would_block(self, poll: select.poll, direction: str) -> None:
+        """Non-blocking mode's wait: return if ready, else raise ``BlockingIOError``."""
+        if self._closing:
+            raise self.closed_error(direction)
+        if not poll.poll(0):
+            raise BlockingIOError(errno.EAGAIN, f"{direction} would block")
+        if self._closing:
+            raise self.closed_error(direction)
+
     def _wait(self, poll: select.poll, side: int, direction: str) -> None:
+        if not self._blocking:
+            self._would_block(poll, direction)
+            return
         waiting = self._waiting
         waiting[side] = True  # before the check: see close()
         try:
@@ -226,6 +252,9 @@ class _Descriptor:
         poller = select.poll()
         poller.register(self.fd, events)
         poller.register(self.wake_fd, select.POLLIN)
+        if not self._blocking:
+            self._would_block(poller, direction)
+            return
         poller.poll(timeout_ms)
         if self._closing:
             raise self.closed_error(direction)

@@ -49,6 +49,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int fd, wake;
+    int blocking; /* wait in poll() on EAGAIN (set_blocking), else return -EAGAIN */
     struct sockaddr_storage peer;
     socklen_t peer_len;
     Py_ssize_t slot, nslots, mtu, max_segments, max_payload;
@@ -210,7 +211,7 @@ receive(udp_io_t *s, int block)
             if (!block) {
                 return 0;
             }
-            Py_ssize_t w = wait_fd(s->fd, s->wake, POLLIN);
+            Py_ssize_t w = wait_fd(s->fd, WAIT_WAKE(s->wake, s->blocking), POLLIN);
             if (w < 0) {
                 return w;
             }
@@ -539,7 +540,7 @@ send_msgs(udp_io_t *s, struct mmsghdr *msgs, Py_ssize_t n, wstat_t *w, Py_ssize_
         }
         int e = errno;
         if (e == EAGAIN) {
-            Py_ssize_t wr = wait_fd(s->fd, s->wake, POLLOUT);
+            Py_ssize_t wr = wait_fd(s->fd, WAIT_WAKE(s->wake, s->blocking), POLLOUT);
             if (wr < 0) {
                 *failed = k;
                 return wr;
@@ -956,6 +957,7 @@ uio_init(udp_io_t *self, PyObject *args, PyObject *kwds)
     self->n_lost = (int)n_lost;
     self->fd = fd;
     self->wake = wake;
+    self->blocking = 1;
     self->slot = slot;
     self->nslots = nslots;
     self->mtu = mtu;
@@ -992,6 +994,17 @@ out:
     return ok ? 0 : -1;
 }
 
+static PyObject *
+uio_set_blocking(udp_io_t *self, PyObject *arg)
+{
+    int flag = PyObject_IsTrue(arg);
+    if (flag < 0) {
+        return NULL;
+    }
+    self->blocking = flag;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef uio_methods[] = {
     {"read", (PyCFunction)(void (*)(void))uio_read, METH_FASTCALL, uio_read_doc},
     {"read_gso", (PyCFunction)(void (*)(void))uio_read_gso, METH_FASTCALL, uio_read_gso_doc},
@@ -999,6 +1012,7 @@ static PyMethodDef uio_methods[] = {
     {"write_gso", (PyCFunction)(void (*)(void))uio_write_gso, METH_FASTCALL, uio_write_gso_doc},
     {"counts", (PyCFunction)uio_counts, METH_NOARGS, uio_counts_doc},
     {"pending", (PyCFunction)uio_pending, METH_NOARGS, uio_pending_doc},
+    {"set_blocking", (PyCFunction)uio_set_blocking, METH_O, set_blocking_doc},
     {NULL, NULL, 0, NULL},
 };
 

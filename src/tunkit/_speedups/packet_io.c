@@ -71,6 +71,7 @@ typedef struct {
     int fd;
     int wake;
     int ready; /* __init__ ran (once: a second one could reset the count) */
+    int blocking; /* wait in poll() on EAGAIN (set_blocking), else return -EAGAIN */
     atomic_int users;
     atomic_int closing;
     /* Drops: counted as they happen, without the GIL (relaxed: counters only). */
@@ -125,6 +126,9 @@ io_leave(packet_io_t *self)
 Py_ssize_t
 wait_fd(int fd, int wake, short events)
 {
+    if (wake < 0) {
+        return -EAGAIN; /* non-blocking: the caller's event loop waits */
+    }
     struct pollfd p[2] = {{fd, events, 0}, {wake, POLLIN, 0}};
     if (poll(p, 2, -1) < 0) {
         return -errno;
@@ -226,6 +230,7 @@ pio_init(packet_io_t *self, PyObject *args, PyObject *kwds)
     }
     self->fd = fd;
     self->wake = wake;
+    self->blocking = 1;
     atomic_store(&self->users, 0);
     atomic_store(&self->closing, 0);
     self->ready = 1;
@@ -268,7 +273,7 @@ pio_read(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
                            {over.buf, (size_t)over.len}};
     Py_ssize_t room = buf.len - offset;
     Py_ssize_t n = -EBADF;
-    int fd = self->fd, wake = self->wake;
+    int fd = self->fd, wake = WAIT_WAKE(self->wake, self->blocking);
     int go = io_enter(self);
     while (go > 0) {
         Py_BEGIN_ALLOW_THREADS
@@ -319,7 +324,7 @@ pio_write(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     }
     struct iovec iov = {(char *)buf.buf + offset, (size_t)(buf.len - offset)};
     Py_ssize_t n = -EBADF;
-    int fd = self->fd, wake = self->wake;
+    int fd = self->fd, wake = WAIT_WAKE(self->wake, self->blocking);
     int go = io_enter(self);
     while (go > 0) {
         Py_BEGIN_ALLOW_THREADS
@@ -495,7 +500,8 @@ PyDoc_STRVAR(pio_read_gso_doc,
 "longer than its room is dropped (too_big), one whose header does not match\n"
 "it too (malformed). Return (stored, err): err is 0, or -errno of an error\n"
 "that ended the call (with stored 0), or that came after stored packets\n"
-"(for the caller to raise next time); -EBADF once closing has begun.");
+"(for the caller to raise next time); -EBADF once closing has begun;\n"
+"-EAGAIN with nothing stored in non-blocking mode (set_blocking).");
 
 static PyObject *
 pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
@@ -540,7 +546,7 @@ pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_ssize_t stored = 0, err = 0;
     unsigned long long packets = 0, bytes = 0, gso = 0;
-    int fd = self->fd, wake = self->wake;
+    int fd = self->fd, wake = WAIT_WAKE(self->wake, self->blocking);
     int go = io_enter(self);
     if (!go) {
         err = -EBADF;
@@ -561,8 +567,8 @@ pio_read_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
                 n = -errno; /* after it, only what is waiting: EAGAIN ends the batch */
             }
             if (n < 0) {
-                if (n != -EAGAIN) {
-                    err = n;
+                if (n != -EAGAIN || stored == 0) {
+                    err = n; /* -EAGAIN for the first: non-blocking, nothing there */
                 }
                 break;
             }
@@ -648,7 +654,7 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_ssize_t done = 0, err = 0;
     unsigned long long packets = 0, bytes = 0, gso = 0;
-    int fd = self->fd, wake = self->wake;
+    int fd = self->fd, wake = WAIT_WAKE(self->wake, self->blocking);
     int go = io_enter(self);
     if (!go) {
         err = -EBADF;
@@ -725,6 +731,23 @@ pio_drain(packet_io_t *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+const char set_blocking_doc[] = PyDoc_STR(
+"set_blocking(flag)\n--\n\n"
+"In blocking mode (the default) a call waits in poll() while the descriptor\n"
+"would block; otherwise it returns -EAGAIN (read_gso: (0, 0) when nothing\n"
+"was stored), for an event loop to wait on the descriptor instead.");
+
+static PyObject *
+pio_set_blocking(packet_io_t *self, PyObject *arg)
+{
+    int flag = PyObject_IsTrue(arg);
+    if (flag < 0) {
+        return NULL;
+    }
+    self->blocking = flag;
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(pio_counts_doc,
 "counts()\n--\n\n"
 "The counters, as a dict named like TunStats's fields.");
@@ -748,6 +771,7 @@ static PyMethodDef pio_methods[] = {
     {"read_gso", (PyCFunction)(void (*)(void))pio_read_gso, METH_FASTCALL, pio_read_gso_doc},
     {"write_gso", (PyCFunction)(void (*)(void))pio_write_gso, METH_FASTCALL, pio_write_gso_doc},
     {"drain", (PyCFunction)pio_drain, METH_NOARGS, pio_drain_doc},
+    {"set_blocking", (PyCFunction)pio_set_blocking, METH_O, set_blocking_doc},
     {"counts", (PyCFunction)pio_counts, METH_NOARGS, pio_counts_doc},
     {NULL, NULL, 0, NULL},
 };

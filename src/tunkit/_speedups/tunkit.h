@@ -338,8 +338,13 @@ extern PyTypeObject packet_io_type;
 extern const char gso_segments_doc[];
 PyObject *py_gso_segments(PyObject *module, PyObject *arg);
 /* Wait without the GIL until fd has poll() `events` or wake is readable: 0,
- * or -errno (-EBADF: wake is readable, close() has begun). */
+ * or -errno (-EBADF: wake is readable, close() has begun). A wake below 0
+ * is a descriptor in non-blocking mode (set_blocking(False)): no wait,
+ * -EAGAIN at once, for the caller's event loop to wait in its stead. */
 Py_ssize_t wait_fd(int fd, int wake, short events);
+/* The wake argument of wait_fd for an object in *blocking* mode or not. */
+#define WAIT_WAKE(wake, blocking) ((blocking) ? (wake) : -1)
+extern const char set_blocking_doc[];
 /* vnet.py's gso_segments on bytes: segments (0: malformed) and *hdr_len_out. */
 Py_ssize_t gso_check(const uint8_t *data, Py_ssize_t len, Py_ssize_t *hdr_len_out);
 /* The buffers of a sequence, taken with the GIL (PyObject_GetBuffer *flags*):

@@ -14,6 +14,7 @@ and on the eventfd of :class:`tunkit._linux.fd._Descriptor`, so that
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import ssl
@@ -143,6 +144,9 @@ class StreamTun:
         self._packets_written = 0
         self._bytes_written = 0
         self._dropped_too_big_write = 0
+        # Non-blocking mode (set_blocking): the unsent end of the last frames a
+        # write handed over, sent first by the next write or by flush().
+        self._tail: memoryview | None = None
 
     # -- reading ----------------------------------------------------------------
 
@@ -335,6 +339,8 @@ class StreamTun:
         with self._write_lock:
             if self._fd.closed:
                 raise self._fd.closed_error("write")
+            if self._tail is not None:
+                self._flush_tail()  # non-blocking: BlockingIOError, nothing of bufs taken
             parts: list[ReadableBuffer] = []
             append, pack, mtu = parts.append, _FRAME_HDR.pack, self._mtu
             too_big = nbytes = 0
@@ -350,10 +356,10 @@ class StreamTun:
                 append(pack(length))
                 append(pkt)
                 nbytes += length
-            self._dropped_too_big_write += too_big
             if parts:
                 data = b"".join(parts)
-                sent = self._send_all(data)
+                sent = self._send_all(data)  # BlockingIOError: nothing was taken
+                self._dropped_too_big_write += too_big
                 if sent < len(data):  # closed during the send
                     done = _whole_frames(data, sent)
                     if not done:
@@ -361,9 +367,11 @@ class StreamTun:
                     return done + too_big  # the retry meets the closed Tun
                 self._packets_written += len(parts) // 2
                 self._bytes_written += nbytes
+            else:
+                self._dropped_too_big_write += too_big
         return len(bufs)
 
-    def _send_all(self, data: bytes) -> int:
+    def _send_all(self, data: bytes | memoryview) -> int:
         """Send all of *data*; return how much was sent (less only if close() came between)."""
         sock, total, sent = self._sock, len(data), 0
         view = memoryview(data)
@@ -393,9 +401,53 @@ class StreamTun:
                     self._fd.wait_writable()
         except ClosedError:
             return sent
+        except BlockingIOError:
+            # Non-blocking mode: the frames begun are handed over, the rest of
+            # their bytes goes first next time (frames never interleave).
+            if not sent:
+                raise
+            self._tail = view[sent:]
+            return total
         except OSError as exc:
             raise self._fd.failure(exc, "write") from None
         return sent
+
+    def _flush_tail(self) -> None:
+        """Send the tail a non-blocking write left; hold the write lock.
+
+        Raises:
+            BlockingIOError: some of it is still unsent (kept for the next try).
+        """
+        tail = self._tail
+        assert tail is not None
+        self._tail = None
+        try:
+            self._send_all(tail)  # keeps a new, shorter tail when it sent some
+        except BlockingIOError:
+            self._tail = tail
+            raise
+        if self._tail is not None:
+            raise BlockingIOError(errno.EAGAIN, "write would block")
+
+    def flush(self) -> None:
+        """Send what a non-blocking write left unsent of its frames (see :meth:`set_blocking`).
+
+        Raises:
+            BlockingIOError: the socket is still full; some bytes remain.
+        """
+        with self._write_lock:
+            if self._tail is not None and not self._fd.closed:
+                self._flush_tail()
+
+    def set_blocking(self, flag: bool) -> None:
+        """Blocking mode (the default), or not: then a call that would wait raises
+        ``BlockingIOError`` instead (``tunkit.aio`` waits for the socket in its
+        event loop). A read keeps a partial frame for the next call; a write
+        that the socket takes only in part returns its frames as sent and
+        keeps their last bytes, which the next write, or :meth:`flush`, sends
+        first: frames never interleave, none goes twice.
+        """
+        self._fd.set_blocking(flag)
 
     # -- the rest of the Tun protocol ---------------------------------------------
 

@@ -386,6 +386,7 @@ class UdpTun:
         # The C calls (UdpIo), once the peer is known; None: the pure path.
         self._use_c = _udp_io is not None and type(sock) is socket.socket
         self._io: UdpIo | None = None
+        self._blocking = True  # set_blocking()
         # Read side, guarded by the read lock. Datagrams land in _rbuf, in
         # slots of _slot bytes (a GRO read, or one datagram: mtu() bytes, so
         # that a longer one comes back with MSG_TRUNC); _pending holds those
@@ -447,6 +448,8 @@ class UdpTun:
             )
         except (MemoryError, ValueError):
             self._use_c = False
+            return
+        self._io.set_blocking(self._blocking)
 
     # -- read side ----------------------------------------------------------------
 
@@ -909,6 +912,17 @@ class UdpTun:
     def batch_size(self) -> int:
         """128: one read or write may carry that many packets."""
         return BATCH
+
+    def set_blocking(self, flag: bool) -> None:
+        """Blocking mode (the default), or not: then a call that would wait raises
+        ``BlockingIOError`` instead, having stored or sent nothing (``tunkit.aio``
+        waits for the socket in its event loop). A call that made progress
+        returns it, as in blocking mode.
+        """
+        self._blocking = flag
+        self._fd.set_blocking(flag)
+        if self._io is not None:
+            self._io.set_blocking(flag)
 
     def fileno(self) -> int:
         """The socket's descriptor, still owned by this object.
