@@ -120,12 +120,13 @@ def test_a_device_without_offload_asks_for_none(netns_factory: MakeNs) -> None:
 # -- the kernel refuses a kind: it is turned off, the traffic goes on ----------------------
 
 
-def _check_off(state: OffloadState, kind: OffloadKind, what: str, before: float) -> OffloadOff:
+def _check_off(state: OffloadState, kind: OffloadKind, whole: bool, before: float) -> OffloadOff:
     assert [o.kind for o in state.off] == [kind], state
     off = state.off[0]
     proto = "TCP" if kind is OffloadKind.TCP else "UDP"
+    what = f"a {proto} super-packet (write_gso)" if whole else f"a coalesced {proto} write"
     assert off.errno == errno.EINVAL
-    assert off.reason == f"the kernel refused {what} {proto} write: EINVAL (Invalid argument)"
+    assert off.reason == f"the kernel refused {what}: EINVAL (Invalid argument)"
     assert before <= off.when <= time.time()
     assert state.active == ALL - {kind}
     assert state.accepted == ALL  # what the kernel took at first stays as it was
@@ -147,7 +148,7 @@ def test_refused_tcp_is_turned_off_and_every_byte_arrives(
     datagrams = [payload_bytes(1000, seed=i) for i in range(20)]
     _send_udp_gso(pair, datagrams, 1000)
     state = _settle(pair.b, 1)
-    _check_off(state, OffloadKind.TCP, "a" if passthrough else "a coalesced", before)
+    _check_off(state, OffloadKind.TCP, passthrough, before)
     stats = pair.settled_stats()[1]
     assert stats.dropped_write == 0
     assert stats.gro_refused == 1  # once: then TCP is split before it is written
@@ -174,7 +175,7 @@ def test_refused_udp_is_turned_off_and_tcp_stays_on(
     _send_udp_gso(pair, datagrams, 1000)  # after the refusal: split first, still all there
     tcp_transfer(pair, 16 << 20)
     state = _settle(pair.b, 1)
-    _check_off(state, OffloadKind.UDP, "a" if passthrough else "a coalesced", before)
+    _check_off(state, OffloadKind.UDP, passthrough, before)
     stats = pair.settled_stats()[1]
     assert stats.dropped_write == 0 and stats.gro_refused == 1
     assert b._coalescer.tcp and not b._coalescer.udp

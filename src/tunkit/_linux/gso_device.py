@@ -305,7 +305,7 @@ class GsoNativeTun(NativeTun):
                         if exc.errno != errno.EINVAL or not w.gso:
                             self._dropped_write += len(w.packets)
                             continue
-                        self._refuse(w.iov[0][1], "a coalesced", exc.errno)  # and apart, below
+                        self._refuse(w.iov[0][1], False, exc.errno)  # and apart, below
                     else:
                         if w.gso:
                             self._gro_coalesced += len(w.packets)
@@ -349,16 +349,17 @@ class GsoNativeTun(NativeTun):
         """Whether the kernel refused a super-packet of *gso_type*'s kind before."""
         return bool(self._refused & _refused_bit(gso_type))
 
-    def _refuse(self, gso_type: int, what: str, err: int) -> None:
+    def _refuse(self, gso_type: int, whole: bool, err: int) -> None:
         """The kernel refused a super-packet of *gso_type* with *err*: split that kind from now on.
 
-        *what* says which write: ``"a coalesced"`` (``write``) or ``"a"``
-        (a super-packet of ``write_gso``). Called with the write lock held.
+        *whole*: one of ``write_gso``'s, else one that ``write`` coalesced.
+        Called with the write lock held.
         """
         self._gro_refused += 1
         bit = _refused_bit(gso_type)
         proto = "TCP" if bit == _REFUSED_TCP else "UDP"
-        reason = f"the kernel refused {what} {proto} write: {describe_errno(err)}"
+        what = f"a {proto} super-packet (write_gso)" if whole else f"a coalesced {proto} write"
+        reason = f"the kernel refused {what}: {describe_errno(err)}"
         self._turn_off_bit(bit, reason, err)
 
     def _turn_off_bit(self, bit: int, reason: str, err: int | None) -> None:
@@ -548,7 +549,7 @@ class GsoNativeTun(NativeTun):
                     # A kind refused before is split first; the first refusal
                     # of a kind (EINVAL: PacketIo hands back only that) turns it off.
                     if apart and self._write_split(data) and not self._was_refused(kind):
-                        self._refuse(kind, "a", errno.EINVAL)
+                        self._refuse(kind, True, errno.EINVAL)
                 except OSError:
                     if done:
                         return done  # in order: the caller's retry starts with this one
