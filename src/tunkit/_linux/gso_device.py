@@ -143,6 +143,8 @@ class GsoNativeTun(NativeTun):
         (``write``, ``write_gso``, in Python and in C), fails as if the
         kernel had answered *err*, and nothing reaches the kernel. Packets of
         other kinds and plain packets are written as usual. ``count=0`` ends it.
+        The Python paths and PacketIo each count *count* on their own (set
+        before traffic starts: PacketIo reads it without the GIL).
         """
         with self._write_lock:
             self._fault_kinds = kinds
