@@ -243,3 +243,23 @@ def test_the_attach_check_turns_offload_off_when_the_size_does_not_hold(
         )
         gso = _gso(first)
         assert not gso._coalescer.tcp and not gso._coalescer.udp
+
+
+@pytest.mark.timeout(30)
+def test_attaching_with_offload_to_a_persistent_device_made_without_it(
+    netns_factory: MakeNs,
+) -> None:
+    """Made without the virtio header (and a 12-byte size left by its last owner), attached with
+    it: the attach check reads back IFF_VNET_HDR and 10 bytes, and nothing is off."""
+    ns = netns_factory("persist")
+    with create_tun("tkpst0", netns=ns, persist=True, offload=False) as made:
+        set_vnet_hdr_sz(made.fileno(), 12)  # kept by the device, not the descriptor
+    try:
+        with tunkit.attach_tun("tkpst0", netns=ns, offload=True) as tun:
+            assert tun.offload
+            assert get_vnet_hdr_sz(tun.fileno()) == 10
+            state = tun.offload_state()
+            assert state.requested == state.accepted == ALL
+            assert state.off == ()
+    finally:
+        tunkit.delete_tun("tkpst0", netns=ns)
