@@ -61,6 +61,7 @@ def _rows(proc: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
         assert r["state"] in ("yes", "no", "needs root"), r
         assert r["ok"] == (r["state"] == "yes")
         assert r["found"], r
+        assert r["errno"] is None or r["errno"].startswith("E"), r  # a refusal by name
         if not r["ok"]:
             assert r["advice"], f"a {r['state']!r} without what to do: {r}"
     return {r["key"]: r for r in rows}
@@ -247,7 +248,9 @@ def test_a_coalesced_write_the_kernel_refuses_is_a_no_in_its_row_and_the_kernels
     rows = _probe_with(monkeypatch, without_partial_checksum)
     assert rows["write_tcp4"].state == rows["write_tcp6"].state == "yes"
     assert rows["write_udp4"].state == "no"
-    assert "refused" in rows["write_udp4"].found and "(EINVAL)" in rows["write_udp4"].found
+    assert rows["write_udp4"].found.startswith("refused: EINVAL (Invalid argument); ")
+    assert rows["write_udp4"].errno == "EINVAL"
+    assert rows["write_tcp4"].errno is None
     assert "update the kernel" in rows["write_udp4"].advice
     # The device then splits UDP super-packets: the second was never offered whole.
     assert rows["write_udp6"].state == "no"

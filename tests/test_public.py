@@ -14,6 +14,7 @@ SPEC_NAMES = {
     "create_tun", "open_tun", "NativeTun", "TunStats", "TunError", "ClosedError",
     "OffsetError", "RetryableError", "TooManySegmentsError", "BufferPoolError",
     "attach_tun", "delete_tun", "send_tun", "recv_tun", "UdpTun",
+    "OffloadKind", "OffloadOff", "OffloadState",
 }
 
 

@@ -138,7 +138,7 @@ def test_a_super_packet_cut_short_in_its_split_is_handled_once(
     h, sock = device
     tun = h.tun
     assert isinstance(tun, GsoNativeTun)
-    tun._refuse(GSO_UDP_L4)  # as after the kernel refused one: split first
+    tun._refuse(GSO_UDP_L4, True, errno.EINVAL)  # as after the kernel refused one: split first
     flow = _flow(h, 5002)
     datagrams = [bytes([i]) * 300 for i in range(4)]
     whole = flow.packet(b"".join(datagrams), ip_id=40)

@@ -32,6 +32,7 @@ from ._errors import (
 from ._events import Event, Events
 from ._forwarder import Forwarder, ForwarderStats, Point2Point
 from ._offload import speedups_enabled
+from ._offload_state import OffloadKind, OffloadOff, OffloadState
 from ._pipe import pipe
 from ._pool import BufferPool, DebugPool, Pool
 from ._tun import GsoTun, Tun
@@ -87,6 +88,9 @@ __all__ = [
     "ForwarderStats",
     "GsoTun",
     "NativeTun",
+    "OffloadKind",
+    "OffloadOff",
+    "OffloadState",
     "OffsetError",
     "Point2Point",
     "Pool",

@@ -16,6 +16,7 @@ TUNSETGROUP: Final = 0x400454CE  # _IOW('T', 206, int)
 TUNGETFEATURES: Final = 0x800454CF  # _IOR('T', 207, unsigned int)
 TUNSETOFFLOAD: Final = 0x400454D0  # _IOW('T', 208, unsigned int)
 TUNGETIFF: Final = 0x800454D2  # _IOR('T', 210, unsigned int)
+TUNGETVNETHDRSZ: Final = 0x800454D7  # _IOR('T', 215, int)
 TUNSETVNETHDRSZ: Final = 0x400454D8  # _IOW('T', 216, int)
 TUNSETQUEUE: Final = 0x400454D9  # _IOW('T', 217, int); takes a struct ifreq
 

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import ipaddress
 import os
+import time
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -14,11 +15,26 @@ from .._errors import ClosedError
 from .._events import Event, Events
 from .._offload.headers import byte_view
 from .._offload.vnet import VNET_HDR_LEN
+from .._offload_state import OffloadKind, OffloadOff, OffloadState
 from .._tun import check_offset
 from . import netlink
-from .constants import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_PERSIST, IFF_TUN, IFF_VNET_HDR, IFNAMSIZ
+from .constants import (
+    IFF_MULTI_QUEUE,
+    IFF_NO_PI,
+    IFF_PERSIST,
+    IFF_TUN,
+    IFF_VNET_HDR,
+    IFNAMSIZ,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_USO4,
+    TUN_F_USO6,
+)
 from .fd import PACKET_IO, CloseOnce, _Descriptor
 from .ioctl import (
+    OFFLOAD_BASE,
+    OFFLOAD_USO,
     enable_vnet,
     get_iff,
     open_dev_tun,
@@ -89,6 +105,18 @@ class TunStats:
     gso_written: int = 0  # super-packets written whole (write_gso)
 
 
+def offload_kinds(flags: int) -> frozenset[OffloadKind]:
+    """The :class:`OffloadKind` kinds in ``TUN_F_*`` *flags* (TCP, UDP: both v4 and v6)."""
+    kinds: set[OffloadKind] = set()
+    if flags & TUN_F_CSUM:
+        kinds.add(OffloadKind.CHECKSUM)
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) == TUN_F_TSO4 | TUN_F_TSO6:
+        kinds.add(OffloadKind.TCP)
+    if flags & (TUN_F_USO4 | TUN_F_USO6) == TUN_F_USO4 | TUN_F_USO6:
+        kinds.add(OffloadKind.UDP)
+    return frozenset(kinds)
+
+
 def check_name(name: str) -> None:
     """Check a device name as the kernel's ``dev_valid_name`` will; ``""`` is allowed.
 
@@ -154,6 +182,11 @@ class NativeTun:
         self._vnet_hdr = vnet_hdr
         self._offload_flags = offload_flags
         self._batch = BATCH_OFFLOAD if vnet_hdr else 1
+        # offload_state(): what enable_vnet asked for (nothing without the
+        # header: set_offloads switches them off) and what the kernel took.
+        self._requested = offload_kinds(OFFLOAD_BASE | OFFLOAD_USO) if vnet_hdr else frozenset()
+        self._accepted = offload_kinds(offload_flags)
+        self._offload_off: list[OffloadOff] = []  # once per kind; appended under the write lock
         self._monitor = monitor
         state = monitor.state
         self._index = state.ifindex
@@ -413,6 +446,23 @@ class NativeTun:
     def offload_flags(self) -> int:
         """The ``TUN_F_*`` offloads the kernel accepted (``TUNSETOFFLOAD``); 0 without offload."""
         return self._offload_flags
+
+    def offload_state(self) -> OffloadState:
+        """What this device asked of the kernel's offloads, what it accepted, and what is off since.
+
+        A kind is turned off on its own when the kernel refuses it (a
+        coalesced TCP or UDP write answered with EINVAL, say) or the attach
+        check finds the device's virtio header not as this object uses it;
+        each such kind is listed once, with when and why, and its packets go
+        on split. Any thread may call it.
+        """
+        return OffloadState(self._requested, self._accepted, tuple(self._offload_off))
+
+    def _turn_off(self, kind: OffloadKind, reason: str, err: int | None) -> None:
+        """Note that *kind* is off from now on, for *reason* (once per kind)."""
+        if any(o.kind is kind for o in self._offload_off):
+            return
+        self._offload_off.append(OffloadOff(kind, time.time(), reason, err))
 
     # -- configuration over netlink -------------------------------------------
 

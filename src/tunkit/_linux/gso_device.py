@@ -18,10 +18,12 @@ from .._offload.vnet import (
     VNET_HDR_LEN,
     gso_segments,
 )
+from .._offload_state import OffloadKind, describe_errno
 from .._tun import check_offset
 from . import netlink
+from .constants import IFF_VNET_HDR
 from .device import _DROPPED_ON_WRITE, _MAX_KERNEL_PACKET, BATCH_OFFLOAD, HEADROOM, NativeTun
-from .ioctl import OFFLOAD_USO
+from .ioctl import OFFLOAD_USO, get_iff, get_vnet_hdr_sz, set_vnet_hdr_sz
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -36,6 +38,9 @@ _SPLIT_FIRST: Final = 1  # PacketIo.write_gso: a super-packet of a refused kind
 # The kinds of super-packet a kernel refused, as bits (PacketIo.write_gso's *refused*).
 _REFUSED_TCP: Final = 1
 _REFUSED_UDP: Final = 2
+
+
+_KIND_OF_BIT: Final = {_REFUSED_TCP: OffloadKind.TCP, _REFUSED_UDP: OffloadKind.UDP}
 
 
 def _refused_bit(gso_type: int) -> int:
@@ -87,9 +92,75 @@ class GsoNativeTun(NativeTun):
         # An error that cost packets (dropped below the count a write returned),
         # raised by the next write or write_gso.
         self._write_error: OSError | None = None
+        # The fault seam (tests only, see _fail_gso): the next _fault_left
+        # super-packets of the kinds in _fault_kinds fail with _fault_errno
+        # instead of reaching the kernel. 0: no fault, one int check per write.
+        self._fault_left = 0
+        self._fault_kinds = 0
+        self._fault_errno = 0
         super().__init__(
             fd, name, vnet_hdr=vnet_hdr, offload_flags=offload_flags, ns_fd=ns_fd, monitor=monitor
         )
+        self._check_attach()
+
+    def _check_attach(self) -> None:
+        """Check that the kernel frames packets as this object does; fix it, or turn offload off.
+
+        Read back on every open and attach (a persistent device or another
+        queue may have been set otherwise by an earlier owner): TUNGETIFF
+        must show ``IFF_VNET_HDR`` and TUNGETVNETHDRSZ 10 bytes. A wrong size
+        is set back (TUNSETVNETHDRSZ); what stays wrong turns TCP and UDP
+        offload off, with the reason, in :meth:`offload_state`.
+        """
+        raw = self._fd.fileno()
+        problem = None
+        try:
+            if not get_iff(raw)[1] & IFF_VNET_HDR:
+                problem = "TUNGETIFF reads back no IFF_VNET_HDR on attach"
+            else:
+                size = get_vnet_hdr_sz(raw)
+                if size != VNET_HDR_LEN:
+                    set_vnet_hdr_sz(raw, VNET_HDR_LEN)
+                    again = get_vnet_hdr_sz(raw)
+                    if again != VNET_HDR_LEN:
+                        problem = (
+                            f"TUNGETVNETHDRSZ reads back {again} bytes on attach, "
+                            f"not {VNET_HDR_LEN}, and setting it did not hold"
+                        )
+        except OSError as exc:
+            problem = f"the attach check failed: {describe_errno(exc.errno or 0)}"
+        if problem is not None:
+            with self._write_lock:
+                for bit in (_REFUSED_TCP, _REFUSED_UDP):
+                    self._turn_off_bit(bit, problem, None)
+
+    def _fail_gso(self, kinds: int, count: int, err: int = errno.EINVAL) -> None:
+        """Private, for tests only: fail the next *count* super-packet writes of *kinds* with *err*.
+
+        The fault seam: a real device whose kernel refuses its coalesced
+        writes. *kinds* is a set of bits (1: TCP, 2: UDP, as
+        ``_REFUSED_TCP``/``_REFUSED_UDP``); each such write, on every path
+        (``write``, ``write_gso``, in Python and in C), fails as if the
+        kernel had answered *err*, and nothing reaches the kernel. Packets of
+        other kinds and plain packets are written as usual. ``count=0`` ends it.
+        The Python paths and PacketIo each count *count* on their own (set
+        before traffic starts: PacketIo reads it without the GIL).
+        """
+        with self._write_lock:
+            self._fault_kinds = kinds
+            self._fault_errno = err
+            self._fault_left = count
+            if self._io is not None:
+                self._io._fail_gso(kinds, count, err)
+
+    def _fault(self, gso_type: int) -> None:
+        """The fault seam on the Python paths: raise the injected error for *gso_type*, if due.
+
+        Called with the write lock held, only when ``_fault_left`` is non-zero.
+        """
+        if self._fault_kinds & _refused_bit(gso_type):
+            self._fault_left -= 1
+            raise OSError(self._fault_errno, os.strerror(self._fault_errno))
 
     # -- packets: read splits, write coalesces ----------------------------------
 
@@ -227,6 +298,8 @@ class GsoNativeTun(NativeTun):
                 # coalescer heard of it too late to leave it whole) goes apart.
                 if not w.gso or not self._was_refused(w.iov[0][1]):
                     try:
+                        if self._fault_left and w.gso:
+                            self._fault(w.iov[0][1])
                         n = fd.call_locked(_writev, w.iov, "write")
                     except OSError as exc:
                         if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
@@ -234,7 +307,7 @@ class GsoNativeTun(NativeTun):
                         if exc.errno != errno.EINVAL or not w.gso:
                             self._dropped_write += len(w.packets)
                             continue
-                        self._refuse(w.iov[0][1])  # and apart, below
+                        self._refuse(w.iov[0][1], False, exc.errno)  # and apart, below
                     else:
                         if w.gso:
                             self._gro_coalesced += len(w.packets)
@@ -278,15 +351,27 @@ class GsoNativeTun(NativeTun):
         """Whether the kernel refused a super-packet of *gso_type*'s kind before."""
         return bool(self._refused & _refused_bit(gso_type))
 
-    def _refuse(self, gso_type: int) -> None:
-        """The kernel refused a super-packet of *gso_type*: split that kind from now on."""
+    def _refuse(self, gso_type: int, whole: bool, err: int) -> None:
+        """The kernel refused a super-packet of *gso_type* with *err*: split that kind from now on.
+
+        *whole*: one of ``write_gso``'s, else one that ``write`` coalesced.
+        Called with the write lock held.
+        """
         self._gro_refused += 1
         bit = _refused_bit(gso_type)
+        proto = "TCP" if bit == _REFUSED_TCP else "UDP"
+        what = f"a {proto} super-packet (write_gso)" if whole else f"a coalesced {proto} write"
+        reason = f"the kernel refused {what}: {describe_errno(err)}"
+        self._turn_off_bit(bit, reason, err)
+
+    def _turn_off_bit(self, bit: int, reason: str, err: int | None) -> None:
+        """Split the kind of refusal *bit* from now on, and say why in offload_state()."""
         self._refused |= bit
         if bit == _REFUSED_UDP:
             self._coalescer.udp = False
         else:
             self._coalescer.tcp = False
+        self._turn_off(_KIND_OF_BIT[bit], reason, err)
 
     def _write_one(self, iov: list[memoryview]) -> None:
         """Write one packet (header and packet in *iov*), dropping and counting a refusal."""
@@ -452,6 +537,8 @@ class GsoNativeTun(NativeTun):
                     apart = gso and (refused or self._was_refused(kind))
                     if not apart:
                         try:
+                            if self._fault_left and gso:
+                                self._fault(kind)
                             call(_write, data, "write")
                         except OSError as exc:
                             if isinstance(exc, ClosedError) or exc.errno not in _DROPPED_ON_WRITE:
@@ -462,9 +549,9 @@ class GsoNativeTun(NativeTun):
                         else:
                             self._count_written(data)
                     # A kind refused before is split first; the first refusal
-                    # of a kind turns it off.
+                    # of a kind (EINVAL: PacketIo hands back only that) turns it off.
                     if apart and self._write_split(data) and not self._was_refused(kind):
-                        self._refuse(kind)
+                        self._refuse(kind, True, errno.EINVAL)
                 except OSError:
                     if done:
                         return done  # in order: the caller's retry starts with this one

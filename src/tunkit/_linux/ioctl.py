@@ -29,6 +29,7 @@ from .constants import (
     TUN_F_USO4,
     TUN_F_USO6,
     TUNGETIFF,
+    TUNGETVNETHDRSZ,
     TUNSETGROUP,
     TUNSETIFF,
     TUNSETOFFLOAD,
@@ -47,6 +48,7 @@ __all__ = [
     "dev_tun_open_to",
     "enable_vnet",
     "get_iff",
+    "get_vnet_hdr_sz",
     "name_exists",
     "open_dev_tun",
     "set_group",
@@ -55,6 +57,7 @@ __all__ = [
     "set_owner",
     "set_persist",
     "set_queue",
+    "set_vnet_hdr_sz",
 ]
 
 TUN_PATH: Final = "/dev/net/tun"
@@ -197,6 +200,18 @@ def get_iff(fd: int) -> tuple[str, int]:
     return str(raw_name.split(b"\0", 1)[0].decode()), int(flags)
 
 
+def get_vnet_hdr_sz(fd: int) -> int:
+    """TUNGETVNETHDRSZ: the size of the virtio header the kernel puts in front of each packet."""
+    result = fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4))
+    size: int = struct.unpack("=i", result)[0]
+    return size
+
+
+def set_vnet_hdr_sz(fd: int, size: int = VNET_HDR_LEN) -> None:
+    """TUNSETVNETHDRSZ: the size of the virtio header (tunkit's is 10 bytes)."""
+    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("=i", size))
+
+
 def set_offload(fd: int, flags: int) -> None:
     # TUNSETOFFLOAD takes the flags by value, not through a pointer.
     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
@@ -210,7 +225,7 @@ def enable_vnet(fd: int) -> int:
     with full checksums only), quietly: offload is a speed-up, not a feature
     a caller can lose.
     """
-    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("=i", VNET_HDR_LEN))
+    set_vnet_hdr_sz(fd)
     for flags in (OFFLOAD_BASE | OFFLOAD_USO, OFFLOAD_BASE):
         try:
             set_offload(fd, flags)

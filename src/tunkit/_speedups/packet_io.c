@@ -85,6 +85,12 @@ typedef struct {
     unsigned long long packets_written;
     unsigned long long bytes_written;
     unsigned long long gso_written;
+    /* The fault seam (_fail_gso, tests only): the next fault_left super-packets
+     * of the kinds in fault_kinds (REFUSED_* bits) fail with -fault_errno
+     * without a system call. Set with the GIL held; 0 costs one int check. */
+    long fault_left;
+    long fault_kinds;
+    int fault_errno;
 } packet_io_t;
 
 static inline void
@@ -674,7 +680,15 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
                 break;
             }
             struct iovec iov = {(void *)data, (size_t)len};
-            Py_ssize_t n = io_wait_call(fd, wake, POLLOUT, &iov, 1);
+            Py_ssize_t n;
+            if (self->fault_left && kind != VIRTIO_NET_HDR_GSO_NONE &&
+                (self->fault_kinds &
+                 (kind == VIRTIO_NET_HDR_GSO_UDP_L4 ? REFUSED_UDP : REFUSED_TCP))) {
+                self->fault_left--;
+                n = -self->fault_errno;
+            } else {
+                n = io_wait_call(fd, wake, POLLOUT, &iov, 1);
+            }
             if (n < 0) {
                 if (write_dropped(n, kind != VIRTIO_NET_HDR_GSO_NONE)) {
                     count_drop(&self->dropped_write);
@@ -705,6 +719,36 @@ pio_write_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
     self->gso_written += gso;
     release_bufs(views, count);
     return go < 0 ? NULL : Py_BuildValue("(nn)", done, err);
+}
+
+PyDoc_STRVAR(pio_fail_gso_doc,
+"_fail_gso(kinds, count, errno)\n--\n\n"
+"The fault seam, for tests only: the next *count* super-packets of the\n"
+"kinds in *kinds* (bit 1: TCP, bit 2: UDP) that write_gso meets fail with\n"
+"-errno, as if the kernel had refused them, without a system call.\n"
+"count 0 ends it.");
+
+static PyObject *
+pio_fail_gso(packet_io_t *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_fail_gso() takes 3 arguments");
+        return NULL;
+    }
+    long kinds = PyLong_AsLong(args[0]);
+    long count = kinds == -1 && PyErr_Occurred() ? 0 : PyLong_AsLong(args[1]);
+    long err = count == -1 && PyErr_Occurred() ? 0 : PyLong_AsLong(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (count < 0 || err <= 0 || err > 4095) {
+        PyErr_SetString(PyExc_ValueError, "_fail_gso: negative count or errno");
+        return NULL;
+    }
+    self->fault_kinds = kinds;
+    self->fault_errno = (int)err;
+    self->fault_left = count;
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(pio_drain_doc,
@@ -771,6 +815,7 @@ static PyMethodDef pio_methods[] = {
     {"read_gso", (PyCFunction)(void (*)(void))pio_read_gso, METH_FASTCALL, pio_read_gso_doc},
     {"write_gso", (PyCFunction)(void (*)(void))pio_write_gso, METH_FASTCALL, pio_write_gso_doc},
     {"drain", (PyCFunction)pio_drain, METH_NOARGS, pio_drain_doc},
+    {"_fail_gso", (PyCFunction)(void (*)(void))pio_fail_gso, METH_FASTCALL, pio_fail_gso_doc},
     {"set_blocking", (PyCFunction)pio_set_blocking, METH_O, set_blocking_doc},
     {"counts", (PyCFunction)pio_counts, METH_NOARGS, pio_counts_doc},
     {NULL, NULL, 0, NULL},

@@ -75,6 +75,7 @@ from .._offload.vnet import (
     VNET_HDR_LEN,
     VnetHdr,
 )
+from .._offload_state import describe_errno
 from .._tun import GsoTun
 from . import children
 from .preflight import HelpFormatter, missing_capabilities
@@ -135,6 +136,7 @@ class Row:
     state: str  # YES, NO or NEEDS_ROOT
     found: str  # what the probe found
     advice: str = ""  # what to do about a "no" (for a "yes", a hint)
+    errno: str | None = None  # the kernel's refusal, by name ("EINVAL"), where a write failed
 
     @property
     def ok(self) -> bool:
@@ -463,13 +465,20 @@ def _write_row(tun: NativeTun, ns: str, kind: _Kind) -> Row:
                    "see the error")
     with sock:
         before = tun.stats()
+        off_before = len(tun.offload_state().off)
         try:
             tun.write_gso([_super_packet(kind, payload, headroom)], headroom)
         except OSError as exc:
-            return Row(kind.key, kind.check, NO, f"writing {what} fails: {exc}", _QUIRK)
+            name = errno.errorcode.get(exc.errno or 0)
+            return Row(kind.key, kind.check, NO, f"writing {what} fails: {exc}", _QUIRK, name)
         after = tun.stats()
         if after.gro_refused > before.gro_refused:
-            return Row(kind.key, kind.check, NO, f"the kernel refused {what} (EINVAL)", _QUIRK)
+            # What the device turned off, and why (offload_state): the errno by name.
+            off = tun.offload_state().off[off_before:]
+            err = off[0].errno if off and off[0].errno is not None else errno.EINVAL
+            name = errno.errorcode.get(err, str(err))
+            return Row(kind.key, kind.check, NO,
+                       f"refused: {describe_errno(err)}; {what}, split and sent", _QUIRK, name)
         if after.dropped_write > before.dropped_write:
             return Row(kind.key, kind.check, NO, f"the kernel dropped {what}", _QUIRK)
         if after.gso_written == before.gso_written:
