@@ -53,7 +53,20 @@ def test_readme_has_the_worker_example() -> None:
 
 # The StreamTun example is one end of a tunnel: tests/test_tunnel.py runs it
 # against a `tunkit tunnel` process.
-NATIVE = [b for b in BLOCKS if "create_tun" in b and b not in WORKER and "StreamTun" not in b]
+NATIVE = [b for b in BLOCKS if "create_tun" in b and b not in WORKER and "StreamTun" not in b
+          and "tunkit.aio" not in b]
+# The asyncio example answers a ping from its device (tunkit.aio).
+AIO_NATIVE = [b for b in BLOCKS if "create_tun" in b and "tunkit.aio" in b]
+
+
+def test_readme_has_the_asyncio_device_example() -> None:
+    assert len(AIO_NATIVE) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("block", AIO_NATIVE, ids=[f"aio{i}" for i in range(len(AIO_NATIVE))])
+def test_readme_asyncio_example_answers_a_ping(block: str, root: None) -> None:  # noqa: F811
+    _runs_and_prints_what_it_says(block)
 
 
 @pytest.mark.timeout(60)

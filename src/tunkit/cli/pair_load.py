@@ -51,7 +51,8 @@ SETUPS: Final = ("tunkit", "tunkit-split", "tunkit-nooffload", "veth", "naive")
 MQ_SETUPS: Final = ("tunkit-mq", "tunkit-split-mq")  # with queues: worker processes
 # The setups whose devices have offload.
 OFFLOAD_SETUPS: Final = ("tunkit", "tunkit-split", *MQ_SETUPS)
-VIAS: Final = ("copy", "forwarder", "p2p")
+# aio: tunkit.aio.copy on an event loop (asyncio's own, uvloop, trio) on one thread.
+VIAS: Final = ("copy", "forwarder", "p2p", "aio", "aio-uvloop", "aio-trio")
 
 # Addresses exist only inside the namespaces made here.
 _A_ADDR: Final = "10.214.0.1"
@@ -204,6 +205,8 @@ def _join(via: str, a: NativeTun, b: NativeTun, passthrough: bool) -> Callable[[
             thread.join()
 
         return stop_copy
+    if via.startswith("aio"):
+        return _join_aio(via, a, b, passthrough)
     if via == "p2p":
         p2p = Point2Point(Pool(), passthrough=passthrough)
         p2p.set_a(a)
@@ -221,6 +224,31 @@ def _join(via: str, a: NativeTun, b: NativeTun, passthrough: bool) -> Callable[[
         b2a.stop()
 
     return stop_forwarders
+
+
+def _join_aio(via: str, a: NativeTun, b: NativeTun, passthrough: bool) -> Callable[[], None]:
+    """``tunkit.aio.copy`` of the two devices, wrapped, on an event loop of its own thread."""
+    import anyio.from_thread
+
+    import tunkit.aio as aio
+
+    if via == "aio-trio":
+        portal_cm = anyio.from_thread.start_blocking_portal("trio")
+    else:
+        options = {"use_uvloop": via == "aio-uvloop"}
+        portal_cm = anyio.from_thread.start_blocking_portal("asyncio", options)
+    portal = portal_cm.__enter__()
+    wa, wb = aio.wrap(a), aio.wrap(b)
+    done = portal.start_task_soon(lambda: aio.copy(wa, wb, passthrough=passthrough))
+
+    def stop_aio() -> None:
+        try:
+            portal.call(wa.aclose)
+            done.result()
+        finally:
+            portal_cm.__exit__(None, None, None)
+
+    return stop_aio
 
 
 def _run_naive(result: BenchResult, ns_a: str, ns_b: str, a: NativeTun, b: NativeTun) -> None:
