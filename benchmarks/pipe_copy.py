@@ -15,7 +15,12 @@ Three threads each time: a writer, the middle stage, a reader.
   returns only once a reader took the packet) pays at least one per packet
   whenever the reader is not already waiting, so at batch 1 it bounds tunkit.
 
-Reported: packets/s of each and the ratio of tunkit to queue. Medians of
+- ``aio-<loop>`` (``--aio``): writer task -> ``aio.pipe`` -> ``aio.copy`` ->
+  ``aio.pipe`` -> reader task, all on one event loop (asyncio, uvloop, trio),
+  at the same size and batch: the async pipeline beside the threaded one.
+
+Reported: packets/s of each and the ratio of tunkit to queue (and of each
+aio pipeline to the threaded tunkit one). Medians of
 ``--repeat`` runs. The goals (issue 3): at batch 128 tunkit >= 5x queue; at
 batch 1 >= 0.25x.
 """
@@ -81,6 +86,56 @@ def bench_tunkit(
     for t in [*threads, copier]:
         t.join()
     return count / elapsed
+
+
+def bench_aio(size: int, batch: int, seconds: float, loop: str) -> float:
+    """Packets/s through writer -> aio.pipe -> aio.copy -> aio.pipe -> reader on *loop*."""
+    import anyio
+
+    import tunkit.aio as aio
+
+    async def run() -> float:
+        t1, t2 = aio.pipe(batch)
+        t3, t4 = aio.pipe(batch)
+        batch_bufs = [bytes(size)] * batch
+        received = 0
+
+        async def writer() -> None:
+            try:
+                while True:
+                    done = 0
+                    while done < batch:
+                        done += await t1.write(batch_bufs[done:])
+            except tunkit.ClosedError:
+                pass
+
+        async def reader() -> None:
+            nonlocal received
+            bufs = [bytearray(1500) for _ in range(batch)]
+            sizes = [0] * batch
+            try:
+                while True:
+                    received += await t4.read(bufs, sizes)
+            except tunkit.ClosedError:
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(aio.copy, t2, t3)
+            tg.start_soon(writer)
+            tg.start_soon(reader)
+            await anyio.sleep(0.2)  # warm up
+            start_count, start = received, time.perf_counter()
+            await anyio.sleep(seconds)
+            count, elapsed = received - start_count, time.perf_counter() - start
+            await t1.aclose()
+            await t4.aclose()
+        return count / elapsed
+
+    if loop == "uvloop":
+        pps: float = anyio.run(run, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        pps = anyio.run(run, backend=loop)
+    return pps
 
 
 def bench_queue(size: int, seconds: float) -> float:
@@ -166,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--aio", action="store_true",
+                        help="also aio.pipe -> aio.copy -> aio.pipe on asyncio, uvloop and trio")
     args = parser.parse_args(argv)
 
     rows: list[dict[str, Any]] = []
@@ -181,10 +238,19 @@ def main(argv: list[str] | None = None) -> int:
                 bench_tunkit(size, batch, args.seconds) for _ in range(args.repeat)
             )
             ratio = pps / queue_pps
-            rows.append({"size": size, "batch": batch, "tunkit_pps": pps,
-                         "queue_pps": queue_pps, "floor_pps": floor_pps, "ratio": ratio})
+            row = {"size": size, "batch": batch, "tunkit_pps": pps,
+                   "queue_pps": queue_pps, "floor_pps": floor_pps, "ratio": ratio}
             print(f"{size:>5} {batch:>5} {pps:>13,.0f} {queue_pps:>12,.0f} "
                   f"{floor_pps:>12,.0f} {ratio:>11.2f}x", flush=True)
+            if args.aio:
+                for loop in ("asyncio", "uvloop", "trio"):
+                    aio_pps = statistics.median(
+                        bench_aio(size, batch, args.seconds, loop) for _ in range(args.repeat)
+                    )
+                    row[f"aio_{loop}_pps"] = aio_pps
+                    print(f"{'':>11} aio on {loop}: {aio_pps:,.0f} pkt/s "
+                          f"({aio_pps / pps:.2f}x the threaded pipeline)", flush=True)
+            rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"handoff_round_trips_s": handoff, "results": rows}, f, indent=2)

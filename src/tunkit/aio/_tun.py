@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncGsoTun", "AsyncTun", "wrap"]
 
+# A wrapped descriptor's calls that found it ready yield to the loop's other
+# tasks once per this many (a call that waits yields anyway).
+YIELD_EVERY = 8
+
 
 @runtime_checkable
 class AsyncTun(Protocol):
@@ -268,6 +272,10 @@ class _FdTun(_Base):
         super().__init__(tun)
         tun.set_blocking(False)  # type: ignore[attr-defined]
         self._fd = tun.fileno()
+        # Fast locks: taken without a turn of the loop when free (see _now_and_then).
+        self._read_lock = anyio.Lock(fast_acquire=True)
+        self._write_lock = anyio.Lock(fast_acquire=True)
+        self._unyielded = 0  # calls since the last yield to the loop
         # StreamTun: a write the socket took in part keeps its last bytes.
         self._flush: Callable[[], None] | None = getattr(tun, "flush", None)
 
@@ -290,23 +298,31 @@ class _FdTun(_Base):
         sizes: MutableSequence[int],
         offset: int,
     ) -> int:
-        # Cancellation can only strike at the await: the non-blocking call
-        # either stored packets (returned at once) or stored nothing.
+        # Cancellation can only strike at an await before the non-blocking
+        # call, or while waiting: the call stored packets, which are returned
+        # (a shielded yield now and then lets the loop's other tasks run), or
+        # stored nothing.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
             self._check("read")
             try:
-                return call(bufs, sizes, offset)
+                n = call(bufs, sizes, offset)
             except BlockingIOError:
                 pass
             except ClosedError:
                 self._closed_below()
                 raise
+            else:
+                await self._now_and_then()
+                return n
+            self._unyielded = 0
             await wait_fd(anyio.wait_readable, self._fd, "read", self._name)
 
     async def _write_with(
         self, call: Callable[[Sequence[ReadableBuffer], int], int],
         bufs: Sequence[ReadableBuffer], offset: int,
     ) -> int:
+        await anyio.lowlevel.checkpoint_if_cancelled()
         while True:
             self._check("write")
             try:
@@ -319,7 +335,19 @@ class _FdTun(_Base):
                 raise
             if self._flush is not None:
                 await self._finish_frames()
+            await self._now_and_then()
             return n
+
+    async def _now_and_then(self) -> None:
+        """Yield to the loop's other tasks every YIELD_EVERY calls that did not wait.
+
+        A call that waited has yielded already; one per call would cost a
+        turn of the loop per packet on a device without offload.
+        """
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     async def _finish_frames(self) -> None:
         """Send what a StreamTun kept of frames it took in part (they count as handed over)."""
