@@ -144,8 +144,13 @@ def test_bench_queues_runs_worker_setups_with_cpu_and_leaves_nothing(
             others += pids
         else:
             assert (labels, pids) == (["benchmark"], [proc.pid]), r
+        # A worker whose queue the kernel's flow hash gave no stream really
+        # spends no CPU; the one with the most packets spent some.
         for c in r["cpu"]:
-            assert c["seconds"] > 0 and c["share"] > 0, r
+            assert c["seconds"] >= 0 and c["share"] >= 0, r
+        busiest = r["queue_packets"].index(max(r["queue_packets"])) if r["queue_packets"] else 0
+        if r["cpu"]:
+            assert r["cpu"][busiest]["seconds"] > 0 and r["cpu"][busiest]["share"] > 0, r
     assert len(set(others)) == 5 and set(others) <= children, (others, watch.cmdlines)
     # The figures table: a "% core" column, one figure per worker.
     rows = {line.split()[1]: line for line in out.splitlines()

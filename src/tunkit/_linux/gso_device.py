@@ -188,8 +188,7 @@ class GsoNativeTun(NativeTun):
         """
         self._check_read_args(bufs, sizes, offset)
         want = len(bufs)
-        fd = self._fd
-        iov = [self._rbuf]
+        iov: list[WriteableBuffer] = [self._rbuf]
         rview = self._rview
         with self._read_lock:
             if self._read_error is not None:
@@ -199,14 +198,8 @@ class GsoNativeTun(NativeTun):
             while True:
                 if self._pending:
                     n, self._pending = self._pending, 0
-                elif not stored:
-                    n = fd.call_locked(_readv, iov, "read")
                 else:
-                    try:
-                        n = fd.call_locked(_readv, iov, "read", block=False)
-                    except OSError as exc:
-                        self._read_error = exc
-                        return stored
+                    n = self._receive(iov, stored)
                     if n < 0:
                         return stored
                 try:
@@ -231,6 +224,18 @@ class GsoNativeTun(NativeTun):
                 stored += got
                 if stored >= want:
                     return stored
+
+    def _receive(self, iov: list[WriteableBuffer], stored: int) -> int:
+        """One packet from the kernel into *iov*, under the read lock, for a read that
+        has *stored* packets so far: the first is waited for, a later one only taken
+        if ready. -1: none ready, or an error, kept for the next call to raise."""
+        if not stored:
+            return self._fd.call_locked(_readv, iov, "read")
+        try:
+            return self._fd.call_locked(_readv, iov, "read", block=False)
+        except OSError as exc:
+            self._read_error = exc
+            return -1
 
     def _handle_kernel_packet(
         self,
@@ -444,14 +449,8 @@ class GsoNativeTun(NativeTun):
                     n, self._pending = self._pending, 0
                     if n <= len(room):
                         room[:n] = self._rview[:n]
-                elif not stored:
-                    n = fd.call_locked(_readv, iov, "read")
                 else:
-                    try:
-                        n = fd.call_locked(_readv, iov, "read", block=False)
-                    except OSError as exc:
-                        self._read_error = exc
-                        return stored
+                    n = self._receive(iov, stored)
                     if n < 0:
                         return stored
                 if n > len(room):
