@@ -6,7 +6,16 @@ import threading
 from typing import TYPE_CHECKING
 
 from ._errors import ClosedError, RetryableError, TunError
-from ._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, gso_offset, gso_pair, write_split
+from ._gso import (
+    GSO_BATCH,
+    GSO_BUF_LEN,
+    VNET_HDR_LEN,
+    CopyBuffers,
+    fits_whole,
+    gso_offset,
+    gso_pair,
+    write_split,
+)
 from ._tun import GsoTun
 from ._write import WRITE_NO_PROGRESS, close_quietly, write_all, write_all_with
 
@@ -59,25 +68,14 @@ def _pump_batches(src: Tun, dst: Tun, may_pass: bool) -> None:
     """Copy batches with ``read``/``write`` until a call raises, or (*may_pass*)
     until the MTUs let super-packets pass whole.
 
-    The first buffer holds 64 KB, the others ``mtu()`` behind the headroom,
-    grown when the source's MTU changes: a read that was already waiting when
-    it changed stores the next packet in the first buffer (a device keeps one
-    that does not fit a later buffer for its next read).
+    The buffers (:class:`CopyBuffers`) follow the source's MTU.
     """
     offset = max(src.mro(), dst.mwo())
-    count = max(src.batch_size(), 1)
-    bufs = [bytearray(offset + GSO_BUF_LEN)]
-    views = [memoryview(bufs[0])]
-    sizes = [0] * count
-    mtu = -1
+    batch = CopyBuffers(offset, max(src.batch_size(), 1))
+    bufs, views, sizes = batch.bufs, batch.views, batch.sizes
     read = src.read
     while True:
-        now = src.mtu()
-        if now != mtu:
-            mtu = now
-            del bufs[1:], views[1:]
-            bufs += [bytearray(offset + mtu) for _ in range(count - 1)]
-            views += [memoryview(buf) for buf in bufs[1:]]
+        batch.follow(src.mtu())
         if may_pass and gso_pair(src, dst, checked=True):
             return
         try:
@@ -87,7 +85,7 @@ def _pump_batches(src: Tun, dst: Tun, may_pass: bool) -> None:
         if n == 1:
             write_all(dst, (views[0][: offset + sizes[0]],), offset)
         elif n > 1:
-            write_all(dst, [views[i][: offset + sizes[i]] for i in range(n)], offset)
+            write_all(dst, batch.packets(n), offset)
 
 
 def _pump_gso(src: Tun, dst: Tun) -> None:
@@ -100,12 +98,10 @@ def _pump_gso(src: Tun, dst: Tun) -> None:
     read = src.read_gso  # type: ignore[attr-defined]
     write = dst.write_gso  # type: ignore[attr-defined]
     offset = gso_offset(src, dst)
-    count = GSO_BATCH
-    bufs = [bytearray(offset + GSO_BUF_LEN) for _ in range(count)]
-    views = [memoryview(buf) for buf in bufs]
-    sizes = [0] * count
+    batch = CopyBuffers(offset, GSO_BATCH, gso=True)
+    bufs, sizes = batch.bufs, batch.sizes
     chunk = max(dst.batch_size(), 1)
-    mtu, room = src.mtu(), dst.mtu()
+    before = src.mtu(), dst.mtu()
     while True:
         try:
             n = read(bufs, sizes, offset)
@@ -114,12 +110,12 @@ def _pump_gso(src: Tun, dst: Tun) -> None:
         if n <= 0:
             continue
         now = src.mtu(), dst.mtu()
-        whole = [views[i][: offset + sizes[i]] for i in range(n)]
-        if now == (mtu, room):
+        whole = batch.packets(n)
+        if now == before:
             write_all_with(write, chunk, whole, offset)
             continue
         # An MTU changed: the batch may hold segments of the old MTU or the new one.
-        if now[1] >= max(mtu, now[0]):
+        if fits_whole(before, now):
             write_all_with(write, chunk, whole, offset)
         else:
             headroom = dst.mwo()

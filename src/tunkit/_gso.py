@@ -22,6 +22,8 @@ __all__ = [
     "GSO_BATCH",
     "GSO_BUF_LEN",
     "VNET_HDR_LEN",
+    "CopyBuffers",
+    "fits_whole",
     "gso_offset",
     "gso_pair",
     "split_for",
@@ -35,6 +37,51 @@ GSO_BUF_LEN: Final = 65535
 # Super-packets read per call: each is one system call of up to 64 KB, so a
 # few per call already amortise the Python around them (memory: 16 x 64 KB).
 GSO_BATCH: Final = 16
+
+
+class CopyBuffers:
+    """The buffers of one direction of a copy loop (:func:`tunkit.copy`, ``aio.copy``).
+
+    *count* buffers with *offset* bytes of headroom, and their ``sizes``. The
+    first holds 64 KB: a read that was already waiting when the source's MTU
+    grew stores the next packet there (a device keeps one that does not fit a
+    later buffer for its next read). With *gso* every buffer holds 64 KB (a
+    super-packet each); without, the others hold the MTU that :meth:`follow`
+    was last given, and are made again when it changes.
+    """
+
+    __slots__ = ("_mtu", "bufs", "offset", "sizes", "views")
+
+    def __init__(self, offset: int, count: int, *, gso: bool = False) -> None:
+        self.offset = offset
+        self.sizes = [0] * count
+        self.bufs = [bytearray(offset + GSO_BUF_LEN) for _ in range(count if gso else 1)]
+        self.views = [memoryview(buf) for buf in self.bufs]
+        self._mtu = -1
+
+    def follow(self, mtu: int) -> None:
+        """Size the buffers after the first for packets of *mtu* bytes."""
+        if mtu != self._mtu:
+            self._mtu = mtu
+            count = len(self.sizes)
+            del self.bufs[1:], self.views[1:]
+            self.bufs += [bytearray(self.offset + mtu) for _ in range(count - 1)]
+            self.views += [memoryview(buf) for buf in self.bufs[1:]]
+
+    def packets(self, n: int) -> list[memoryview]:
+        """The first *n* packets read, each behind its headroom (as ``write`` takes them)."""
+        views, sizes, offset = self.views, self.sizes, self.offset
+        return [views[i][: offset + sizes[i]] for i in range(n)]
+
+
+def fits_whole(before: tuple[int, int], now: tuple[int, int]) -> bool:
+    """Whether a batch of super-packets read while an MTU changed can be written whole.
+
+    *before* and *now* are (source MTU, destination MTU) when the batch was
+    read and after: its segments are of the old source MTU or the new one, so
+    the destination's MTU must take the larger.
+    """
+    return now[1] >= max(before[0], now[0])
 
 
 def gso_pair(src: object, dst: object, *, checked: bool = False) -> bool:

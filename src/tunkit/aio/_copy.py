@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._errors import ClosedError, RetryableError, TunError
-from .._gso import GSO_BATCH, GSO_BUF_LEN, VNET_HDR_LEN, split_for
+from .._gso import GSO_BATCH, VNET_HDR_LEN, CopyBuffers, fits_whole, split_for
 from .._write import WRITE_NO_PROGRESS
 from ._tun import AsyncGsoTun
 
@@ -63,51 +63,39 @@ async def _pump_batches(src: AsyncTun, dst: AsyncTun, may_pass: bool) -> None:
     """Batches by ``read``/``write``; the first buffer holds 64 KB, the others ``mtu()``,
     grown when the source's MTU changes. Returns when (*may_pass*) super-packets may pass."""
     offset = max(src.mro(), dst.mwo())
-    count = max(src.batch_size(), 1)
+    batch = CopyBuffers(offset, max(src.batch_size(), 1))
     chunk = max(dst.batch_size(), 1)
-    bufs = [bytearray(offset + GSO_BUF_LEN)]
-    views = [memoryview(bufs[0])]
-    sizes = [0] * count
-    mtu = -1
     while True:
-        now = src.mtu()
-        if now != mtu:
-            mtu = now
-            del bufs[1:], views[1:]
-            bufs += [bytearray(offset + mtu) for _ in range(count - 1)]
-            views += [memoryview(buf) for buf in bufs[1:]]
+        batch.follow(src.mtu())
         if may_pass and _can_pass(src, dst):
             return
         try:
-            n = await src.read(bufs, sizes, offset)
+            n = await src.read(batch.bufs, batch.sizes, offset)
         except RetryableError:
             continue
         if n > 0:
-            await write_all(dst.write, [views[i][: offset + sizes[i]] for i in range(n)],
-                            offset, chunk)
+            await write_all(dst.write, batch.packets(n), offset, chunk)
 
 
 async def _pump_gso(src: AsyncGsoTun, dst: AsyncGsoTun) -> None:
     """Whole super-packets until a call raises, or until an MTU changes (then the caller
     decides again; a batch read meanwhile goes out split when it must)."""
     offset = max(VNET_HDR_LEN, src.mro(), dst.mwo())
-    bufs = [bytearray(offset + GSO_BUF_LEN) for _ in range(GSO_BATCH)]
-    views = [memoryview(buf) for buf in bufs]
-    sizes = [0] * GSO_BATCH
+    batch = CopyBuffers(offset, GSO_BATCH, gso=True)
     chunk = max(dst.batch_size(), 1)
-    mtu, room = src.mtu(), dst.mtu()
+    before = src.mtu(), dst.mtu()
     while True:
         try:
-            n = await src.read_gso(bufs, sizes, offset)
+            n = await src.read_gso(batch.bufs, batch.sizes, offset)
         except RetryableError:
             continue
         if n <= 0:
             continue
         now = src.mtu(), dst.mtu()
-        whole = [views[i][: offset + sizes[i]] for i in range(n)]
-        if now == (mtu, room) or now[1] >= max(mtu, now[0]):
+        whole = batch.packets(n)
+        if now == before or fits_whole(before, now):
             await write_all(dst.write_gso, whole, offset, chunk)
-            if now == (mtu, room):
+            if now == before:
                 continue
             return
         headroom = dst.mwo()

@@ -10,7 +10,6 @@ withdraws the packets nobody took (the prefix taken was handed over).
 
 from __future__ import annotations
 
-import io
 from collections import deque
 from collections.abc import AsyncIterator, MutableSequence, Sequence
 from typing import TYPE_CHECKING, final
@@ -19,7 +18,8 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import ReadOnClosedPipeError, WriteOnClosedPipeError
-from .._events import Event, Events
+from .._events import Event
+from .._pipe import PipeEnd, check_pipe_args
 from .._tun import check_offset
 from ._tun import AsyncEvents
 
@@ -125,27 +125,21 @@ class _Direction:
 
 
 @final
-class AsyncPipeTun:
+class AsyncPipeTun(PipeEnd):
     """One end of :func:`pipe`: reads what the other end writes, and the reverse.
 
     Use it from one event loop (its tasks may be many). Does not enforce the MTU.
     """
 
-    __slots__ = ("_batch_size", "_events", "_mro", "_mtu", "_mwo", "_name", "_peer", "_rx",
-                 "_streams", "_tx")
+    __slots__ = ("_peer", "_rx", "_streams", "_tx")
 
     def __init__(
         self, name: str, rx: _Direction, tx: _Direction, batch_size: int, mtu: int, mwo: int,
         mro: int,
     ) -> None:
-        self._name = name
+        super().__init__(name, batch_size, mtu, mwo, mro)
         self._rx = rx
         self._tx = tx
-        self._batch_size = batch_size
-        self._mtu = mtu
-        self._mwo = mwo
-        self._mro = mro
-        self._events = Events(Event.UP)
         self._streams: list[AsyncEvents] = []
         self._peer: AsyncPipeTun | None = None
 
@@ -172,30 +166,6 @@ class AsyncPipeTun:
         """
         check_offset("write", offset, self._mwo)
         return await self._tx.write(bufs, offset)
-
-    def mwo(self) -> int:
-        """Minimal write offset, as given to :func:`pipe`."""
-        return self._mwo
-
-    def mro(self) -> int:
-        """Minimal read offset, as given to :func:`pipe`."""
-        return self._mro
-
-    def mtu(self) -> int:
-        """The MTU given to :func:`pipe` (not enforced)."""
-        return self._mtu
-
-    def name(self) -> str:
-        """``"pipe-tun-0"`` or ``"pipe-tun-1"``."""
-        return self._name
-
-    def batch_size(self) -> int:
-        """The batch size given to :func:`pipe`."""
-        return self._batch_size
-
-    def fileno(self) -> int:
-        """Raise ``io.UnsupportedOperation``: a pipe has no OS descriptor."""
-        raise io.UnsupportedOperation(f"{self._name} has no file descriptor")
 
     def events(self) -> AsyncIterator[Event]:
         """``Event.UP``, then the end of the stream when the pipe closes."""
@@ -225,10 +195,6 @@ class AsyncPipeTun:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def __repr__(self) -> str:
-        state = " [closed]" if self.closed else ""
-        return f"<AsyncPipeTun {self._name} batch={self._batch_size} mtu={self._mtu}{state}>"
-
 
 def pipe(
     batch_size: int = 1, mtu: int = 1500, mwo: int = 0, mro: int = 0
@@ -241,11 +207,7 @@ def pipe(
     Raises:
         ValueError: *batch_size* is below 1, or *mtu*, *mwo* or *mro* is negative.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size} must be at least 1")
-    for label, value in (("mtu", mtu), ("mwo", mwo), ("mro", mro)):
-        if value < 0:
-            raise ValueError(f"{label} {value} must not be negative")
+    check_pipe_args(batch_size, mtu, mwo, mro)
     a2b, b2a = _Direction(), _Direction()
     a = AsyncPipeTun("pipe-tun-0", b2a, a2b, batch_size, mtu, mwo, mro)
     b = AsyncPipeTun("pipe-tun-1", a2b, b2a, batch_size, mtu, mwo, mro)
