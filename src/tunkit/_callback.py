@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, MutableSequence, Sequence
 from typing import TYPE_CHECKING
 
+from ._tun import Wrapping
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-    from ._events import Events
     from ._tun import Tun
 
 __all__ = ["Callback", "CallbackTun"]
@@ -17,7 +18,7 @@ Callback = Callable[[int, BaseException | None], None]
 """``callback(count, error)``: the packets moved, or 0 and the exception raised."""
 
 
-class CallbackTun:
+class CallbackTun(Wrapping):
     """A Tun that delegates to *tun* and reports each ``read``/``write`` to a callback.
 
     After every call, ``on_read(n, None)`` / ``on_write(n, None)`` get the
@@ -60,34 +61,6 @@ class CallbackTun:
         if self.on_write is not None:
             self.on_write(n, None)
         return n
-
-    def mwo(self) -> int:
-        """The wrapped Tun's ``mwo()``."""
-        return self.tun.mwo()
-
-    def mro(self) -> int:
-        """The wrapped Tun's ``mro()``."""
-        return self.tun.mro()
-
-    def mtu(self) -> int:
-        """The wrapped Tun's ``mtu()``."""
-        return self.tun.mtu()
-
-    def name(self) -> str:
-        """The wrapped Tun's ``name()``."""
-        return self.tun.name()
-
-    def events(self) -> Events:
-        """The wrapped Tun's events stream."""
-        return self.tun.events()
-
-    def batch_size(self) -> int:
-        """The wrapped Tun's ``batch_size()``."""
-        return self.tun.batch_size()
-
-    def fileno(self) -> int:
-        """The wrapped Tun's ``fileno()``."""
-        return self.tun.fileno()
 
     def close(self) -> None:
         """Close the wrapped Tun."""

@@ -22,13 +22,12 @@ from ._errors import TooManySegmentsError
 from ._offload import VNET_HDR_LEN, VnetHdr, _Malformed, _TooBig, split
 from ._offload.headers import byte_view
 from ._offload.vnet import gso_segments
-from ._tun import GsoTun
+from ._tun import GsoTun, Wrapping
 from .pcap import Direction, PcapFormat, Writer
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, StrOrBytesPath, WriteableBuffer
 
-    from ._events import Events
     from ._tun import Tun
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "CaptureStats", "CapturedGsoTun", "CapturedTun", "capture"]
@@ -99,12 +98,12 @@ def _segments(data: bytes | bytearray) -> list[memoryview]:
     return [view[VNET_HDR_LEN:]]
 
 
-class CapturedTun:
+class CapturedTun(Wrapping):
     """A Tun that records each packet read from *tun* ("in") and written to it ("out").
 
     Made by :func:`capture`; takes ownership of *tun* (``close()`` closes it).
     Every Tun method behaves as *tun*'s, on any thread *tun* allows; other
-    attributes (``stats()``, ``add_address``, ...) are *tun*'s.
+    attributes (``stats()``, ``add_address``, ...) are *tun*'s; *tun* itself is :attr:`tun`.
     """
 
     __slots__ = (
@@ -124,18 +123,18 @@ class CapturedTun:
         "_read_offset",
         "_recorded",
         "_thread",
-        "_tun",
         "_waiting_idle",
         "_wake",
         "_write_offset",
         "_writer",
+        "tun",
     )
 
     def __init__(
         self, tun: Tun, writer: Writer, *, owns_writer: bool, buffer_size: int, name: str
     ) -> None:
         self._interface = writer.add_interface(name)
-        self._tun = tun
+        self.tun = tun
         self._writer = writer
         self._owns_writer = owns_writer
         self._limit = buffer_size
@@ -173,7 +172,7 @@ class CapturedTun:
         self._enter()
         n = 0
         try:
-            n = self._tun.read(bufs, sizes, at)
+            n = self.tun.read(bufs, sizes, at)
             return n
         finally:
             self._keep("in", [_copy(bufs[i], at, at + sizes[i]) for i in range(n)])
@@ -184,38 +183,10 @@ class CapturedTun:
         self._enter()
         n = 0
         try:
-            n = self._tun.write(bufs, at)
+            n = self.tun.write(bufs, at)
             return n
         finally:
             self._keep("out", [_copy(bufs[i], at, None) for i in range(n)])
-
-    def mwo(self) -> int:
-        """``tun.mwo()``."""
-        return self._tun.mwo()
-
-    def mro(self) -> int:
-        """``tun.mro()``."""
-        return self._tun.mro()
-
-    def mtu(self) -> int:
-        """``tun.mtu()``."""
-        return self._tun.mtu()
-
-    def name(self) -> str:
-        """``tun.name()``."""
-        return self._tun.name()
-
-    def events(self) -> Events:
-        """``tun.events()``."""
-        return self._tun.events()
-
-    def batch_size(self) -> int:
-        """``tun.batch_size()``."""
-        return self._tun.batch_size()
-
-    def fileno(self) -> int:
-        """``tun.fileno()``."""
-        return self._tun.fileno()
 
     def close(self) -> None:
         """Close *tun*, write what the buffer holds, join the capture thread, flush the file.
@@ -235,7 +206,7 @@ class CapturedTun:
                 return
             self._closed = True
             try:
-                self._tun.close()
+                self.tun.close()
             finally:
                 with self._lock:
                     # Calls in flight end now that tun is closed; let them queue
@@ -334,7 +305,7 @@ class CapturedTun:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # not forwarded: also keeps a half-made wrapper finite
             raise AttributeError(name)
-        return getattr(self._tun, name)
+        return getattr(self.tun, name)
 
     def __enter__(self) -> CapturedTun:
         return self
@@ -343,7 +314,7 @@ class CapturedTun:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<capture of {self._tun!r}>"
+        return f"<capture of {self.tun!r}>"
 
 
 class CapturedGsoTun(CapturedTun):
@@ -359,7 +330,7 @@ class CapturedGsoTun(CapturedTun):
     ) -> int:
         """``tun.read_gso``; each packet is recorded as the segments it stands for, "in"."""
         start = offset - VNET_HDR_LEN
-        read_gso: Callable[..., int] = self._tun.read_gso  # type: ignore[attr-defined]
+        read_gso: Callable[..., int] = self.tun.read_gso  # type: ignore[attr-defined]
         self._enter()
         n = 0
         try:
@@ -371,7 +342,7 @@ class CapturedGsoTun(CapturedTun):
     def write_gso(self, bufs: Sequence[ReadableBuffer], offset: int = _GSO_OFFSET) -> int:
         """``tun.write_gso``; each packet is recorded as the segments it stands for, "out"."""
         start = offset - VNET_HDR_LEN
-        write_gso: Callable[..., int] = self._tun.write_gso  # type: ignore[attr-defined]
+        write_gso: Callable[..., int] = self.tun.write_gso  # type: ignore[attr-defined]
         self._enter()
         n = 0
         try:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from ._events import Events
 
-__all__ = ["GsoTun", "Tun", "check_offset"]
+__all__ = ["GsoTun", "Tun", "Wrapping", "check_offset"]
 
 
 @runtime_checkable
@@ -93,3 +93,39 @@ def check_offset(kind: str, offset: int, minimum: int) -> None:
     if offset < minimum:
         which = "mro()" if kind == "read" else "mwo()"
         raise OffsetError(f"{kind} offset {offset} is below {which} {minimum}")
+
+
+class Wrapping:
+    """The Tun protocol's descriptive calls of a wrapper, answered by the Tun it wraps,
+    ``self.tun``: :class:`CallbackTun`, :class:`TunIO` and ``capture``'s Tun."""
+
+    __slots__ = ()
+    tun: Tun
+
+    def mwo(self) -> int:
+        """The wrapped Tun's ``mwo()``."""
+        return self.tun.mwo()
+
+    def mro(self) -> int:
+        """The wrapped Tun's ``mro()``."""
+        return self.tun.mro()
+
+    def mtu(self) -> int:
+        """The wrapped Tun's ``mtu()``."""
+        return self.tun.mtu()
+
+    def name(self) -> str:
+        """The wrapped Tun's ``name()``."""
+        return self.tun.name()
+
+    def events(self) -> Events:
+        """The wrapped Tun's events stream."""
+        return self.tun.events()
+
+    def batch_size(self) -> int:
+        """The wrapped Tun's ``batch_size()``."""
+        return self.tun.batch_size()
+
+    def fileno(self) -> int:
+        """The wrapped Tun's descriptor (``io.UnsupportedOperation`` when it has none)."""
+        return self.tun.fileno()

@@ -8,18 +8,18 @@ from typing import TYPE_CHECKING
 
 from ._errors import RetryableError
 from ._pool import BufferPool, get_buffer, put_buffer
+from ._tun import Wrapping
 from ._write import write_all
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-    from ._events import Events
     from ._tun import Tun
 
 __all__ = ["TunIO"]
 
 
-class TunIO(io.RawIOBase):
+class TunIO(Wrapping, io.RawIOBase):
     """An ``io.RawIOBase`` over *tun*: ``readinto`` returns one packet, ``write`` sends one.
 
     The other packets of a batch read from the Tun are kept whole, in order,
@@ -113,34 +113,6 @@ class TunIO(io.RawIOBase):
             finally:
                 self._pending.clear()
                 super().close()
-
-    def fileno(self) -> int:
-        """The Tun's descriptor (``io.UnsupportedOperation`` when it has none)."""
-        return self.tun.fileno()
-
-    def mtu(self) -> int:
-        """The Tun's ``mtu()``."""
-        return self.tun.mtu()
-
-    def name(self) -> str:
-        """The Tun's ``name()``."""
-        return self.tun.name()
-
-    def events(self) -> Events:
-        """The Tun's events stream."""
-        return self.tun.events()
-
-    def batch_size(self) -> int:
-        """The Tun's ``batch_size()``."""
-        return self.tun.batch_size()
-
-    def mwo(self) -> int:
-        """The Tun's ``mwo()``."""
-        return self.tun.mwo()
-
-    def mro(self) -> int:
-        """The Tun's ``mro()``."""
-        return self.tun.mro()
 
     def __repr__(self) -> str:
         state = " [closed]" if self.closed else ""
