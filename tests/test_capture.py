@@ -223,6 +223,21 @@ def test_capture_is_a_gsotun_only_around_one() -> None:
         ends[1].close()
 
 
+def test_the_captured_tun_is_kept_as_tun_and_answers_for_it() -> None:
+    a, b = tunkit.pipe(4, mtu=1400, mwo=3, mro=5)
+    cap = tunkit.capture(a, io.BytesIO())
+    try:
+        assert cap.tun is a
+        assert (cap.mwo(), cap.mro(), cap.mtu(), cap.name(), cap.batch_size()) == (
+            3, 5, 1400, "pipe-tun-0", 4)
+        assert cap.events() is a.events()
+        with pytest.raises(io.UnsupportedOperation):
+            cap.fileno()
+    finally:
+        cap.close()
+        b.close()
+
+
 def test_a_classic_pcap_writer_takes_one_tun() -> None:
     writer = pcap.Writer(io.BytesIO(), pcap_format="pcap")
     first = tunkit.capture(tunkit.pipe()[0], writer)
