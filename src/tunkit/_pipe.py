@@ -131,10 +131,6 @@ class PipeTun(PipeEnd):
         """The events stream: ``Event.UP``, then its end when the pipe closes."""
         return self._events
 
-    def batch_size(self) -> int:
-        """The batch size given to :func:`pipe`."""
-        return self._batch_size
-
     def close(self) -> None:
         """Close both directions of the pipe; the other end's calls raise too. Idempotent."""
         self._rx.close()
